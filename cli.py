@@ -1,0 +1,198 @@
+"""The `edgeops` command line: thin click commands, each a call into a library function.
+
+Heavy modules are imported inside the command that needs them, so `edgeops agent ...` on a device
+never loads the compiler. Errors caused by input (EdgeopsError) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeops import __version__
+from edgeops.protocol.errors import EdgeopsError
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+class _Group(click.Group):
+    """Turns EdgeopsError into click's one-line `Error: ...` and exit status 1, for every subcommand."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeopsError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeops")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Compile ONNX models for edge hardware and ship them to device fleets.
+
+    \b
+    Examples:
+      edgeops profiles list
+      edgeops build model.onnx --profile rpi4 --calib calib.npz --eval eval.npz
+      edgeops inspect model-1.0.0-rpi4.edgeops
+      edgeops demo
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.group()
+def profiles() -> None:
+    """Hardware profiles: what a device runs and what a build must meet.
+
+    \b
+    Examples:
+      edgeops profiles list
+      edgeops profiles show rpi4 --json
+      edgeops profiles show ./my-board.toml
+    """
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profiles_list(as_json: bool) -> None:
+    """List the shipped profiles.
+
+    \b
+    Example:
+      edgeops profiles list --json
+    """
+    from edgeops.protocol.profiles import list_profiles
+
+    found = list_profiles()
+    if as_json:
+        _echo_json([p.to_dict() for p in found])
+        return
+    width = max(len(p.name) for p in found)
+    for p in found:
+        click.echo(f"{p.name:<{width}}  {p.arch:<7}  {p.runtime.name} {p.runtime.version:<7} {p.precision:<5} {p.description}")
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profiles_show(name: str, as_json: bool) -> None:
+    """Show one profile, by name or .toml path.
+
+    \b
+    Examples:
+      edgeops profiles show rpi-zero2w
+      edgeops profiles show ./boards/my-gateway.toml --json
+    """
+    from edgeops.protocol.profiles import load_profile
+
+    profile = load_profile(name)
+    data = profile.to_dict()
+    if as_json:
+        _echo_json(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for sub, item in value.items():
+                click.echo(f"  {sub}: {item}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "-p", required=True, help="Profile name (see `edgeops profiles list`) or .toml path.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration data (.npz keyed by input name).")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Eval data (.npz; may hold `labels`).")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=float, help="Largest quality drop accepted (0.01 = 1 point).")
+@click.option("--metric", type=click.Choice(["accuracy", "top1", "cosine"]), help="Override the quality metric.")
+@click.option("--name", help="Model name (default: the file's stem).")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Model version.")
+@click.option("-o", "--output", "outdir", default=".", show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
+def build(model, profile, calib, eval_, max_accuracy_drop, metric, name, version, outdir, as_json) -> None:
+    """Compile MODEL for a hardware profile into a signed-ready bundle.
+
+    Prunes and quantizes, measures every candidate on the eval data, and keeps
+    the smallest, fastest one within --max-accuracy-drop and the profile's budgets.
+
+    \b
+    Examples:
+      edgeops build model.onnx --profile rpi4 --calib calib.npz --eval eval.npz
+      edgeops build model.onnx -p x86-vnni --calib calib.npz --max-accuracy-drop 0.005 -o dist/
+      edgeops build model.onnx -p rpi-zero2w --calib calib.npz --json > report.json
+    """
+    from rich.console import Console
+
+    from edgeops.compiler.build import BuildRequest
+    from edgeops.compiler.build import build as run_build
+    from edgeops.compiler.report import render
+
+    err = Console(stderr=True)
+    request = BuildRequest(model, profile, calib, eval_, max_accuracy_drop, name, version, outdir, metric)
+    with err.status("building") as status:
+        report = run_build(request, progress=lambda message: status.update(message))
+    if as_json:
+        _echo_json(report)
+    else:
+        render(report, Console())
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Verify a bundle and print its manifest.
+
+    \b
+    Examples:
+      edgeops inspect dist/digits-1.0.0-rpi4.edgeops
+      edgeops inspect dist/digits-1.0.0-rpi4.edgeops --json | jq .metrics
+    """
+    from edgeops.protocol.bundle import read_bundle
+
+    manifest = read_bundle(bundle).manifest
+    if as_json:
+        _echo_json(manifest)
+        return
+    q = manifest["metrics"]["quality"]
+    click.echo(f"{manifest['name']} {manifest['version']} for profile {manifest['profile']} "
+               f"({manifest['runtime']['name']} >= {manifest['runtime']['min_version']})")
+    click.echo(f"model: {manifest['model']['file']} {manifest['model']['size']} B, opset {manifest['model']['opset']}, "
+               f"sha256 {manifest['model']['sha256']}")
+    for role in ("inputs", "outputs"):
+        for spec in manifest[role]:
+            click.echo(f"{role[:-1]}: {spec['name']} {spec['dtype']} {spec['shape']}")
+    click.echo(f"quality ({q['metric']}): fp32 {q['fp32']:.4f}, compiled {q['compiled']:.4f}, drop {q['drop']:+.4f}")
+    click.echo(f"compiled as: {manifest['compiler']['chosen']}")
+
+
+@cli.command()
+@click.option("-o", "--output", "workdir", default="demo-out", show_default=True, type=click.Path(path_type=Path), help="Working folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def demo(workdir: Path, as_json: bool) -> None:
+    """Train a real model and build it for two hardware profiles, side by side.
+
+    \b
+    Example:
+      edgeops demo -o /tmp/demo
+    """
+    from rich.console import Console
+
+    from edgeops.demo import run_demo
+
+    results = run_demo(workdir, Console(stderr=True))
+    if as_json:
+        _echo_json(results)
+
+
+def main() -> None:
+    cli(prog_name="edgeops")

@@ -1,0 +1,237 @@
+"""`edgeops build`: an ONNX model, a profile and data in; a bundle and a report out.
+
+Order matters for users: every input is validated (and the output folder checked writable) before
+the slow work starts, and nothing is written to the output folder until the bundle is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnxruntime
+
+import edgeops
+from edgeops.compiler import data as datamod
+from edgeops.compiler import measure, quality, reference
+from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
+from edgeops.compiler.passes import PassContext, PassError, describe
+from edgeops.compiler.passes.optimize import Optimize
+from edgeops.compiler.search import Result, Search, run_search
+from edgeops.protocol import bundle as bundlemod
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.profiles import Profile, load_profile
+
+log = logging.getLogger(__name__)
+HOLDOUT = 0.3
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: Path
+    profile: str | Path
+    calib: Path | None = None
+    eval: Path | None = None
+    max_drop: float = 0.01
+    name: str | None = None
+    version: str = "1.0.0"
+    outdir: Path = Path(".")
+    metric: str | None = None
+
+
+def _check_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
+    except OSError as exc:
+        raise EdgeopsError(f"cannot write to output folder {outdir}: {exc.strerror or exc}; pick another with -o") from None
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise EdgeopsError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+    return value
+
+
+def _source_size(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of the fp32 model as shipped: the .onnx file plus its external data files."""
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def _datasets(req: BuildRequest, model: onnx.ModelProto) -> tuple[datamod.Dataset | None, datamod.Dataset, list[str]]:
+    inputs = inputs_of(model)
+    notes = []
+    calib = datamod.load_npz(req.calib, inputs, "calibration") if req.calib else None
+    if req.eval:
+        evaluation = datamod.load_npz(req.eval, inputs, "eval")
+    elif calib is not None:
+        calib, evaluation = datamod.split(calib, HOLDOUT)
+        notes.append(f"no --eval given: quality measured on a held-out {HOLDOUT:.0%} of the calibration data")
+    else:
+        raise EdgeopsError("give --calib (calibration data), or at least --eval; see `edgeops build --help`")
+    if calib is None:
+        notes.append("no calibration data: only weight-only/dynamic quantization was tried")
+    return calib, evaluation, notes
+
+
+def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Compile, validate and bundle; return the report. Raises EdgeopsError when no candidate fits."""
+    profile = load_profile(req.profile)
+    if profile.runtime.name != "onnxruntime":
+        raise EdgeopsError(
+            f"profile {profile.name} runs {profile.runtime.name}; the LiteRT/TFLite target is not available yet, "
+            "pick an onnxruntime profile (see `edgeops profiles list`)"
+        )
+    if not 0 <= req.max_drop < 1:
+        raise EdgeopsError(f"--max-accuracy-drop must be between 0 and 1, got {req.max_drop}")
+    name = _check_name(req.name or req.model.stem, "model name")
+    version = _check_name(req.version, "version")
+    _check_outdir(req.outdir)
+    progress(f"loading {req.model}")
+    source = load_model(req.model)
+    calib, evaluation, notes = _datasets(req, source)
+    with tempfile.TemporaryDirectory(prefix="edgeops-build-") as tmp:
+        ctx = PassContext(profile=profile, calib=calib, workdir=Path(tmp))
+        progress("optimizing the fp32 graph")
+        try:
+            base = Optimize().apply(source, ctx)
+        except PassError as exc:
+            raise EdgeopsError(f"{req.model}: {exc}") from None
+        outputs = outputs_of(base)
+        metric = quality.choose_metric(base, outputs, evaluation.labels is not None, req.metric)
+        progress(f"measuring fp32 on {evaluation.usable()} eval samples ({metric.name})")
+        search = Search(base, ctx, evaluation, metric, req.max_drop, progress)
+        run_search(search)
+        chosen = search.best()
+        if chosen is None:
+            raise EdgeopsError(_no_fit_message(search, profile))
+        if search.slower_than_fp32(chosen):
+            notes.append(
+                f"the chosen model is slower than fp32 here ({chosen.latency_ms:.2f} ms vs "
+                f"{search.fp32_latency_ms:.2f} ms): no faster candidate met the tolerance"
+            )
+        progress("validating the chosen model and measuring peak memory")
+        memory = _peak_memory(Path(tmp), base, chosen, evaluation, profile)
+        if memory["compiled"] > profile.budget.max_runtime_memory_mb:
+            raise EdgeopsError(
+                f"the compiled model needs {memory['compiled']:.0f} MB at run time, over the profile's "
+                f"{profile.budget.max_runtime_memory_mb} MB budget"
+            )
+        report = _report(req, profile, name, version, source, base, search, chosen, memory, notes, calib, evaluation)
+        payload = _bundle_bytes(report, profile, name, version, source, search, chosen, calib, evaluation, metric)
+    path = req.outdir / bundlemod.bundle_filename(name, version, profile.name)
+    bundlemod.atomic_write(path, payload)
+    report["bundle"] = str(path)
+    report["bundle_bytes"] = len(payload)
+    return report
+
+
+def _no_fit_message(search: Search, profile: Profile) -> str:
+    closest = search.closest()
+    if closest is None:
+        errors = "; ".join(sorted({r.error or "" for r in search.results}))[:300]
+        return f"no candidate could be built for profile {profile.name}: {errors}"
+    return (
+        f"no candidate fits profile {profile.name} within the tolerance: the closest, '{closest.label}', has "
+        f"quality {closest.quality:.4f} vs fp32 {search.fp32_quality:.4f}, {closest.download_bytes} B, "
+        f"{closest.latency_ms:.2f} ms ({'; '.join(closest.misses)}). Try a larger --max-accuracy-drop, more "
+        "representative --calib data, or a profile with a larger budget"
+    )
+
+
+def _peak_memory(tmp: Path, base: onnx.ModelProto, chosen: Result, evaluation, profile: Profile) -> dict[str, float]:
+    feed_path = tmp / "feed.npz"
+    np.savez(feed_path, **measure.first_sample(evaluation))
+    figures = {}
+    for key, model in (("fp32", base), ("compiled", chosen.model)):
+        path = tmp / f"{key}.onnx"
+        path.write_bytes(model.SerializeToString())
+        figures[key] = round(measure.peak_memory_mb(path, feed_path, profile.runtime.threads), 1)
+    return figures
+
+
+def _report(req, profile, name, version, source, base, search: Search, chosen: Result, memory, notes, calib, evaluation):
+    return {
+        "bundle": None,
+        "name": name,
+        "version": version,
+        "profile": profile.name,
+        "runtime": {"name": profile.runtime.name, "device_version": profile.runtime.version, "validated_with": onnxruntime.__version__},
+        "size_bytes": chosen.size_bytes,
+        "download_bytes": chosen.download_bytes,
+        "fp32_size_bytes": _source_size(req.model, source),
+        "parameters": parameter_count(base),
+        "quality": {
+            "metric": search.metric.name,
+            "fp32": round(search.fp32_quality, 6),
+            "compiled": round(chosen.quality, 6),
+            "drop": round(chosen.drop, 6),
+            "max_drop": req.max_drop,
+            "eval_samples": evaluation.usable(),
+        },
+        "latency_ms": {"fp32": round(search.fp32_latency_ms, 4), "compiled": round(chosen.latency_ms, 4)},
+        "peak_memory_mb": memory,
+        "chosen": chosen.label,
+        "passes": [describe(Optimize()), *(describe(p) for p in chosen.passes)],
+        "candidates": [r.to_dict() for r in search.results],
+        "notes": notes,
+    }
+
+
+def _tensor_specs(model: onnx.ModelProto, specs) -> list[dict[str, Any]]:
+    return [spec.to_dict() for spec in specs]
+
+
+def _bundle_bytes(report, profile, name, version, source, search: Search, chosen: Result, calib, evaluation, metric) -> bytes:
+    model = chosen.model
+    model_data = model.SerializeToString(deterministic=True)
+    out_names = [o.name for o in outputs_of(model)]
+    sess = measure.session(model_data)
+    ref_data = evaluation if calib is None else calib
+    ref_outputs = measure.run_dataset(sess, ref_data)
+    classifier = quality.classifier_output(model, outputs_of(model))
+    summaries = reference.reference_summaries(ref_data, out_names, ref_outputs, classifier)
+    golden = measure.run_dataset(sess, evaluation, reference.SELFTEST_SAMPLES)
+    arrays, selftest = reference.selftest_arrays(evaluation, out_names, golden)
+    manifest = {
+        "name": name,
+        "version": version,
+        "profile": profile.name,
+        "runtime": {"name": profile.runtime.name, "min_version": profile.runtime.version},
+        "model": {"file": "model.onnx", "format": "onnx", "opset": opset_of(model), "ir_version": model.ir_version,
+                  "sha256": bundlemod.sha256_bytes(model_data), "size": len(model_data)},
+        "inputs": _tensor_specs(model, inputs_of(model)),
+        "outputs": _tensor_specs(model, outputs_of(model)),
+        "classifier_output": classifier,
+        "selftest": selftest,
+        "compiler": {"engine": "edgeops", "chosen": chosen.label, "passes": report["passes"], "max_drop": report["quality"]["max_drop"]},
+        "metrics": {"quality": report["quality"], "size_bytes": chosen.size_bytes, "fp32_size_bytes": report["fp32_size_bytes"]},
+        "lineage": {
+            "source_sha256": bundlemod.sha256_bytes(source.SerializeToString(deterministic=True)),
+            "calib_sha256": calib.digest if calib is not None else None,
+            "eval_sha256": evaluation.digest,
+            "edgeops_version": edgeops.__version__,
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": onnxruntime.__version__,
+        },
+    }
+    members = {
+        "model.onnx": model_data,
+        "reference.json": bundlemod.canonical_json(summaries),
+        "selftest.npz": bundlemod.npz_bytes(arrays),
+    }
+    return bundlemod.build_bundle(manifest, members)

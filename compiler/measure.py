@@ -1,0 +1,87 @@
+"""Run a candidate model in onnxruntime: outputs on a dataset, batch-1 latency, peak memory.
+
+Latency is the median of repeated batch-1 runs with the profile's thread count (capped at this
+machine's cores), after warm-up. Peak memory is measured in a fresh subprocess, because the
+allocations of the models measured before would otherwise hide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeops.compiler.data import Dataset
+from edgeops.protocol.errors import EdgeopsError
+
+LATENCY_RUNS = 30
+LATENCY_BUDGET_S = 2.0
+
+
+def session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def run_dataset(sess: ort.InferenceSession, data: Dataset, limit: int | None = None) -> list[np.ndarray]:
+    """All outputs over the dataset, samples on the first axis (stacked runs are concatenated)."""
+    chunks: list[list[np.ndarray]] = []
+    for feed in data.batches(limit):
+        outputs = sess.run(None, feed)
+        chunks.append(outputs)
+    if not chunks:
+        raise EdgeopsError("no complete batch to run: the data has fewer samples than the batch size")
+    join = np.concatenate if data.stacked else np.stack
+    return [join([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
+
+
+def first_sample(data: Dataset) -> dict[str, np.ndarray]:
+    """The smallest feed the model takes: one sample, or one fixed-size batch."""
+    return next(data.batches(limit=data.batch or 1))
+
+
+def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    deadline = time.perf_counter() + LATENCY_BUDGET_S
+    while len(times) < LATENCY_RUNS and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def peak_memory_mb(model_path: Path, feed_path: Path, threads: int) -> float:
+    """Peak RSS of a fresh process that loads the model and runs one feed: what a device must have free."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeops.compiler.measure", str(model_path), str(feed_path), str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise EdgeopsError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return float(json.loads(proc.stdout)["peak_mb"])
+
+
+def _probe(model_path: str, feed_path: str, threads: str) -> None:
+    with np.load(feed_path, allow_pickle=False) as data:
+        feed = {k: data[k] for k in data.files}
+    sess = session(Path(model_path).read_bytes(), int(threads))
+    sess.run(None, feed)
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    _probe(*sys.argv[1:4])

@@ -1,0 +1,84 @@
+"""Hardware-independent graph optimization: constant folding, node fusion, Conv+BatchNorm folding.
+
+It uses onnxruntime's *basic* level only, whose rewrites are plain ONNX ops, so the result runs on
+any runtime; the extended levels add onnxruntime-only fused ops. Weights stored as `Constant` nodes
+(common with paddle2onnx and spox exports) become initializers, or the quantizer would see none.
+Opsets below 13 are raised to 13 where possible, since per-channel quantization needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+
+from edgeops.compiler.model import opset_of
+from edgeops.compiler.passes import PassContext, PassError
+
+log = logging.getLogger(__name__)
+MIN_OPSET = 13
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
+    if opset_of(model) >= target:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, target)
+        onnx.checker.check_model(upgraded)
+        return upgraded
+    except Exception as exc:  # the converter raises many types; keep the original model then
+        log.info("opset %d kept: upgrade to %d failed (%s)", opset_of(model), target, exc)
+        return model
+
+
+@dataclass(frozen=True)
+class Optimize:
+    name: str = "optimize"
+    level: str = "basic"
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        model = upgrade_opset(constants_to_initializers(model))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        out = ctx.workdir / "optimized.onnx"
+        options.optimized_model_filepath = str(out)
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for unsupported graphs
+            raise PassError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        optimized = onnx.load(str(out))
+        out.unlink()
+        return name_nodes(optimized)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name: quantizers select and exclude nodes by name."""
+    taken = {node.name for node in model.graph.node if node.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+            while node.name in taken:
+                node.name += "_"
+            taken.add(node.name)
+    return model
+

@@ -1,0 +1,50 @@
+"""The build report on the terminal: the chosen model against fp32, and every candidate tried."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    q = report["quality"]
+    lat = report["latency_ms"]
+    summary = Table(title=f"{report['name']} {report['version']} for {report['profile']}", show_header=True)
+    for column in ("", "fp32", "compiled", "ratio"):
+        summary.add_column(column, justify="right")
+    summary.add_row("size", _mb(report["fp32_size_bytes"]), _mb(report["size_bytes"]),
+                    f"{report['size_bytes'] / report['fp32_size_bytes']:.2f}x")
+    summary.add_row("download", "", _mb(report["bundle_bytes"]), f"{report['bundle_bytes'] / report['fp32_size_bytes']:.2f}x")
+    summary.add_row(q["metric"], f"{q['fp32']:.4f}", f"{q['compiled']:.4f}", f"drop {q['drop']:+.4f}")
+    summary.add_row("latency (batch 1)", f"{lat['fp32']:.3f} ms", f"{lat['compiled']:.3f} ms",
+                    f"{lat['compiled'] / lat['fp32']:.2f}x" if lat["fp32"] else "")
+    mem = report["peak_memory_mb"]
+    summary.add_row("peak memory", f"{mem['fp32']:.1f} MB", f"{mem['compiled']:.1f} MB", "")
+    console.print(summary)
+    console.print(candidates_table(report))
+    console.print(f"chosen: [bold]{report['chosen']}[/bold]")
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"bundle: [bold]{report['bundle']}[/bold]")
+
+
+def candidates_table(report: dict[str, Any]) -> Table:
+    table = Table(title="candidates", show_header=True)
+    for column in ("#", "configuration", "download", "quality", "drop", "latency ms", "result"):
+        table.add_column(column, justify="left" if column in ("configuration", "result") else "right",
+                         no_wrap=column != "result", overflow="fold")
+    for index, c in enumerate(report["candidates"], 1):
+        chosen = c["label"] == report["chosen"]
+        verdict = "chosen" if chosen else ("fits" if c["ok"] else c["error"] or "; ".join(c["misses"]))
+        if c["error"]:
+            table.add_row(str(index), c["label"], "-", "-", "-", "-", verdict)
+            continue
+        table.add_row(str(index), c["label"], _mb(c["download_bytes"]), f"{c['quality']:.4f}", f"{c['drop']:+.4f}",
+                      f"{c['latency_ms']:.3f}", verdict, style="bold green" if chosen else None)
+    return table

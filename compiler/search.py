@@ -1,0 +1,222 @@
+"""Accuracy-aware search: try candidate pass pipelines, measure each, keep the best that fits.
+
+Every candidate is measured on the task metric, never assumed: on real models static QDQ over all
+op types has collapsed accuracy to chance, dynamic quantization of CNNs ran 4-9x slower than fp32,
+and which one wins depends on the model. The search runs in rounds, each building on the best so far:
+
+1. base configurations the profile allows (static weights-only / all ops, dynamic for MatMul graphs);
+2. if the best static one misses the tolerance: keep its most sensitive layers in float;
+3. other calibration methods for the best static configuration;
+4. magnitude pruning on top of the winner, at the highest sparsity that still fits the tolerance.
+
+Selection: within the tolerance and the profile's budgets, prefer not slower than fp32, then the
+smallest download, then the lowest latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from edgeops.compiler import compat, measure, quality
+from edgeops.compiler.data import Dataset
+from edgeops.compiler.model import WEIGHT_OPS, count_ops
+from edgeops.compiler.passes import Pass, PassContext, PassError, describe
+from edgeops.compiler.passes.float16 import Float16
+from edgeops.compiler.passes.prune_magnitude import MagnitudePrune
+from edgeops.compiler.passes.quantize_dynamic import DynamicQuantize
+from edgeops.compiler.passes.quantize_static import StaticQuantize
+from edgeops.compiler.sensitivity import sensitive_nodes
+
+log = logging.getLogger(__name__)
+SPARSITIES = (0.7, 0.5, 0.3)
+# Latency differences under this share of fp32's are noise on a busy 2-core machine.
+LATENCY_NOISE = 0.05
+EXCLUDE_COUNTS = (1, 2, 4)
+
+
+@dataclass
+class Result:
+    """One candidate, measured."""
+
+    label: str
+    passes: tuple[Pass, ...]
+    model: onnx.ModelProto | None = None
+    size_bytes: int = 0
+    download_bytes: int = 0
+    quality: float = 0.0
+    drop: float = 0.0
+    latency_ms: float = 0.0
+    error: str | None = None
+    misses: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.misses
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "passes": [describe(p) for p in self.passes],
+            "size_bytes": self.size_bytes,
+            "download_bytes": self.download_bytes,
+            "quality": round(self.quality, 6),
+            "drop": round(self.drop, 6),
+            "latency_ms": round(self.latency_ms, 4),
+            "ok": self.ok,
+            "error": self.error,
+            "misses": self.misses,
+        }
+
+
+@dataclass
+class Search:
+    """The state one search works with: the optimized fp32 model, data, metric and limits."""
+
+    base: onnx.ModelProto
+    ctx: PassContext
+    evaluation: Dataset
+    metric: quality.Metric
+    max_drop: float
+    progress: Callable[[str], None] = lambda message: None
+    fp32_outputs: list[np.ndarray] = field(default_factory=list)
+    fp32_quality: float = 1.0
+    fp32_latency_ms: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sess = measure.session(self.base.SerializeToString(), self.ctx.profile.runtime.threads)
+        self.fp32_outputs = measure.run_dataset(sess, self.evaluation)
+        self.fp32_quality = self._score(self.fp32_outputs)
+        self.feed = measure.first_sample(self.evaluation)
+        self.fp32_latency_ms = measure.latency_ms(sess, self.feed)
+
+    def _score(self, outputs: list[np.ndarray]) -> float:
+        return quality.score(self.metric, self.fp32_outputs, outputs, self.evaluation.labels)
+
+    def evaluate(self, label: str, passes: tuple[Pass, ...]) -> Result:
+        """Apply the passes to the base model and measure the result against the budgets."""
+        self.progress(f"candidate {len(self.results) + 1}: {label}")
+        result = Result(label, passes)
+        self.results.append(result)
+        try:
+            model = self.base
+            for p in passes:
+                model = p.apply(model, self.ctx)
+            model = compat.fit_to_runtime(model, self.ctx.profile)
+            data = model.SerializeToString(deterministic=True)
+            sess = measure.session(data, self.ctx.profile.runtime.threads)
+            outputs = measure.run_dataset(sess, self.evaluation)
+            result.latency_ms = measure.latency_ms(sess, self.feed)
+        except PassError as exc:
+            result.error = str(exc)
+            return result
+        except Exception as exc:  # a candidate onnxruntime cannot load or run is dropped, not fatal
+            result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return result
+        result.model = model
+        result.size_bytes = len(data)
+        result.download_bytes = len(zlib.compress(data, 9))
+        result.quality = self._score(outputs)
+        result.drop = self.fp32_quality - result.quality
+        budget = self.ctx.profile.budget
+        if result.drop > self.max_drop + 1e-12:
+            result.misses.append(f"quality drop {result.drop:.4f} > {self.max_drop}")
+        if result.download_bytes > budget.max_bundle_bytes:
+            result.misses.append(f"bundle {result.download_bytes} B > budget {budget.max_bundle_bytes} B")
+        if result.latency_ms > budget.max_latency_ms:
+            result.misses.append(f"latency {result.latency_ms:.2f} ms > budget {budget.max_latency_ms} ms")
+        return result
+
+    def slower_than_fp32(self, result: Result) -> bool:
+        return result.latency_ms > self.fp32_latency_ms
+
+    def best(self) -> Result | None:
+        fitting = [r for r in self.results if r.ok]
+        if not fitting:
+            return None
+        slow = self.fp32_latency_ms * (1 + LATENCY_NOISE)
+        return min(fitting, key=lambda r: (r.latency_ms > slow, r.download_bytes, r.latency_ms))
+
+    def closest(self) -> Result | None:
+        """The candidate nearest to fitting, for the error message when none fits."""
+        measured = [r for r in self.results if r.error is None]
+        return min(measured, key=lambda r: (len(r.misses), r.drop, r.download_bytes), default=None)
+
+
+def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
+    configs = [
+        ("int8 static, weights-bearing ops, per-channel, minmax", StaticQuantize("minmax", True, weight_ops)),
+        ("int8 static, all ops, per-channel, minmax", StaticQuantize("minmax", True)),
+    ]
+    for label, p in configs:
+        search.evaluate(label, (p,))
+    static = [r for r in search.results if r.error is None and isinstance(r.passes[-1], StaticQuantize)]
+    if not static:
+        return
+    best = min(static, key=lambda r: r.drop)
+    chosen: StaticQuantize = best.passes[-1]
+    if best.drop > search.max_drop and best.model is not None:
+        search.progress("measuring per-layer sensitivity")
+        ranked = sensitive_nodes(search.base, best.model, search.ctx.calib or search.evaluation)
+        for count in EXCLUDE_COUNTS:
+            if count > len(ranked):
+                break
+            p = replace(chosen, exclude=tuple(ranked[:count]))
+            result = search.evaluate(f"{best.label}, {count} sensitive layer(s) in float", (p,))
+            if result.error is None and result.drop < best.drop:
+                best, chosen = result, p
+            if result.ok:
+                break
+    for method in search.ctx.profile.quantization.calibration:
+        if method != chosen.method and not best.ok:
+            search.evaluate(best.label.replace(chosen.method, method), (replace(chosen, method=method),))
+
+
+def _prune_round(search: Search) -> None:
+    winner = search.best()
+    if winner is None:
+        return
+    for sparsity in SPARSITIES:
+        result = search.evaluate(f"magnitude prune {sparsity:.0%} + {winner.label}", (MagnitudePrune(sparsity), *winner.passes))
+        if result.ok:
+            break
+
+
+def run_search(search: Search) -> Search:
+    """Try the candidates the profile's precision allows; results land in `search.results`."""
+    profile = search.ctx.profile
+    ops = count_ops(search.base)
+    weight_ops = tuple(op for op in WEIGHT_OPS if op in ops)
+    if profile.precision == "fp32":
+        search.evaluate("fp32, optimized", ())
+    elif profile.precision == "fp16":
+        search.evaluate("fp16", (Float16(),))
+    else:
+        has_conv = any(op in ops for op in ("Conv", "ConvTranspose"))
+        if search.ctx.calib is not None:
+            _static_rounds(search, weight_ops)
+        if not has_conv or search.ctx.calib is None:
+            dynamic_ops = weight_ops if search.ctx.calib is None else tuple(op for op in weight_ops if op in ("MatMul", "Gemm"))
+            if dynamic_ops:
+                search.evaluate("int8 dynamic, per-channel", (DynamicQuantize(True, dynamic_ops),))
+                search.evaluate("int8 dynamic, per-tensor", (DynamicQuantize(False, dynamic_ops),))
+    if search.best() is None and profile.precision != "fp32":
+        search.evaluate("fp32, optimized (fallback)", ())
+    _prune_round(search)
+    return search
+
+
+def model_bytes(result: Result) -> bytes:
+    assert result.model is not None
+    return result.model.SerializeToString(deterministic=True)
+
+
+def write_model(result: Result, path: Path) -> None:
+    path.write_bytes(model_bytes(result))

@@ -1,0 +1,1 @@
+"""The operator side: model registry, device state, signed releases and rollouts over MQTT."""
