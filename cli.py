@@ -189,7 +189,7 @@ def demo(workdir: Path, as_json: bool) -> None:
 
     from edgeops.demo import run_demo
 
-    results = run_demo(workdir, Console(stderr=True))
+    results = run_demo(workdir, Console(stderr=as_json))
     if as_json:
         _echo_json(results)
 

@@ -121,8 +121,8 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
             raise EdgeopsError(_no_fit_message(search, profile))
         if search.slower_than_fp32(chosen):
             notes.append(
-                f"the chosen model is slower than fp32 here ({chosen.latency_ms:.2f} ms vs "
-                f"{search.fp32_latency_ms:.2f} ms): no faster candidate met the tolerance"
+                f"the chosen model is slower than fp32 here ({chosen.latency_ms:.3f} ms vs "
+                f"{search.fp32_latency_ms:.3f} ms): no faster candidate met the tolerance"
             )
         progress("validating the chosen model and measuring peak memory")
         memory = _peak_memory(Path(tmp), base, chosen, evaluation, profile)

@@ -34,17 +34,30 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"bundle: [bold]{report['bundle']}[/bold]")
 
 
+def _verdict(candidate: dict[str, Any], chosen: bool) -> str:
+    if chosen:
+        return "chosen"
+    if candidate["error"]:
+        return "failed: " + candidate["error"]
+    return "fits" if candidate["ok"] else "; ".join(candidate["misses"])
+
+
 def candidates_table(report: dict[str, Any]) -> Table:
-    table = Table(title="candidates", show_header=True)
-    for column in ("#", "configuration", "download", "quality", "drop", "latency ms", "result"):
-        table.add_column(column, justify="left" if column in ("configuration", "result") else "right",
-                         no_wrap=column != "result", overflow="fold")
-    for index, c in enumerate(report["candidates"], 1):
+    table = Table(title="candidates (details: --json)", show_header=True)
+    table.add_column("configuration", no_wrap=True)
+    table.add_column("kB", justify="right")
+    table.add_column(report["quality"]["metric"], justify="right")
+    table.add_column("ms", justify="right")
+    table.add_column("result", overflow="fold")
+    for c in report["candidates"]:
         chosen = c["label"] == report["chosen"]
-        verdict = "chosen" if chosen else ("fits" if c["ok"] else c["error"] or "; ".join(c["misses"]))
-        if c["error"]:
-            table.add_row(str(index), c["label"], "-", "-", "-", "-", verdict)
-            continue
-        table.add_row(str(index), c["label"], _mb(c["download_bytes"]), f"{c['quality']:.4f}", f"{c['drop']:+.4f}",
-                      f"{c['latency_ms']:.3f}", verdict, style="bold green" if chosen else None)
+        measured = not c["error"]
+        table.add_row(
+            c["label"],
+            f"{c['download_bytes'] / 1e3:.0f}" if measured else "-",
+            f"{c['quality']:.4f}" if measured else "-",
+            f"{c['latency_ms']:.3f}" if measured else "-",
+            _verdict(c, chosen),
+            style="bold green" if chosen else None,
+        )
     return table

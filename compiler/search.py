@@ -39,6 +39,8 @@ SPARSITIES = (0.7, 0.5, 0.3)
 # Latency differences under this share of fp32's are noise on a busy 2-core machine.
 LATENCY_NOISE = 0.05
 EXCLUDE_COUNTS = (1, 2, 4)
+# Conv first: without calibration data it is the only way to quantize a CNN at all.
+DYNAMIC_OPS = ("Conv", "MatMul", "Gemm", "Gather", "LSTM", "Attention")
 
 
 @dataclass
@@ -127,11 +129,11 @@ class Search:
         result.drop = self.fp32_quality - result.quality
         budget = self.ctx.profile.budget
         if result.drop > self.max_drop + 1e-12:
-            result.misses.append(f"quality drop {result.drop:.4f} > {self.max_drop}")
+            result.misses.append(f"drop {result.drop:.4f} > {self.max_drop}")
         if result.download_bytes > budget.max_bundle_bytes:
-            result.misses.append(f"bundle {result.download_bytes} B > budget {budget.max_bundle_bytes} B")
+            result.misses.append(f"{result.download_bytes} B > budget {budget.max_bundle_bytes} B")
         if result.latency_ms > budget.max_latency_ms:
-            result.misses.append(f"latency {result.latency_ms:.2f} ms > budget {budget.max_latency_ms} ms")
+            result.misses.append(f"{result.latency_ms:.2f} ms > budget {budget.max_latency_ms} ms")
         return result
 
     def slower_than_fp32(self, result: Result) -> bool:
@@ -151,9 +153,10 @@ class Search:
 
 
 def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
+    per_channel = search.ctx.profile.quantization.per_channel
     configs = [
-        ("int8 static, weights-bearing ops, per-channel, minmax", StaticQuantize("minmax", True, weight_ops)),
-        ("int8 static, all ops, per-channel, minmax", StaticQuantize("minmax", True)),
+        ("int8 static minmax, weight ops", StaticQuantize("minmax", per_channel, weight_ops)),
+        ("int8 static minmax, all ops", StaticQuantize("minmax", per_channel)),
     ]
     for label, p in configs:
         search.evaluate(label, (p,))
@@ -169,7 +172,7 @@ def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
             if count > len(ranked):
                 break
             p = replace(chosen, exclude=tuple(ranked[:count]))
-            result = search.evaluate(f"{best.label}, {count} sensitive layer(s) in float", (p,))
+            result = search.evaluate(f"{best.label}, {count} layer(s) float", (p,))
             if result.error is None and result.drop < best.drop:
                 best, chosen = result, p
             if result.ok:
@@ -184,7 +187,7 @@ def _prune_round(search: Search) -> None:
     if winner is None:
         return
     for sparsity in SPARSITIES:
-        result = search.evaluate(f"magnitude prune {sparsity:.0%} + {winner.label}", (MagnitudePrune(sparsity), *winner.passes))
+        result = search.evaluate(f"prune {sparsity:.0%} + {winner.label}", (MagnitudePrune(sparsity), *winner.passes))
         if result.ok:
             break
 
@@ -203,10 +206,9 @@ def run_search(search: Search) -> Search:
         if search.ctx.calib is not None:
             _static_rounds(search, weight_ops)
         if not has_conv or search.ctx.calib is None:
-            dynamic_ops = weight_ops if search.ctx.calib is None else tuple(op for op in weight_ops if op in ("MatMul", "Gemm"))
-            if dynamic_ops:
-                search.evaluate("int8 dynamic, per-channel", (DynamicQuantize(True, dynamic_ops),))
-                search.evaluate("int8 dynamic, per-tensor", (DynamicQuantize(False, dynamic_ops),))
+            dynamic_ops = DYNAMIC_OPS if search.ctx.calib is None else DYNAMIC_OPS[1:]
+            search.evaluate("int8 dynamic, per-channel", (DynamicQuantize(True, dynamic_ops),))
+            search.evaluate("int8 dynamic, per-tensor", (DynamicQuantize(False, dynamic_ops),))
     if search.best() is None and profile.precision != "fp32":
         search.evaluate("fp32, optimized (fallback)", ())
     _prune_round(search)

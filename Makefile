@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up their own virtualenv, then run.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch (tests train small real models with it); override on machines where
+# this pin would pull a CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/edgeops demo
+
+test: $(VENV)/.dev
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev
+	$(VENV)/bin/python bench/compiler_bench.py
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+
+$(VENV)/.demo: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q '$(TORCH)'
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.demo
+
+clean:
+	rm -rf $(VENV) demo-out test-artifacts
