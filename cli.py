@@ -16,19 +16,33 @@ import click
 from edgeops import __version__
 from edgeops.protocol.errors import EdgeopsError
 
+log = logging.getLogger("edgeops")
+
 
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 class _Group(click.Group):
-    """Turns EdgeopsError into click's one-line `Error: ...` and exit status 1, for every subcommand."""
+    """Every subcommand's errors become click's one-line `Error: ...` and exit status 1.
+
+    EdgeopsError carries a message written for users; anything else is a bug, shown as one line too
+    (the traceback goes to the debug log), because a traceback is not an error message.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except EdgeopsError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            log.debug("internal error", exc_info=True)
+            raise click.ClickException(
+                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                "(run with -vv for the traceback, and please report it)"
+            ) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

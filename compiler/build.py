@@ -23,7 +23,7 @@ from edgeops.compiler import measure, quality, reference
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
 from edgeops.compiler.passes.optimize import Optimize
-from edgeops.compiler.search import Result, Search, run_search
+from edgeops.compiler.search import Result, Search, reduces_precision, run_search
 from edgeops.protocol import bundle as bundlemod
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import Profile, load_profile
@@ -111,18 +111,22 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
             base = Optimize().apply(source, ctx)
         except PassError as exc:
             raise EdgeopsError(f"{req.model}: {exc}") from None
-        outputs = outputs_of(base)
-        metric = quality.choose_metric(base, outputs, evaluation.labels is not None, req.metric)
-        progress(f"measuring fp32 on {evaluation.usable()} eval samples ({metric.name})")
-        search = Search(base, ctx, evaluation, metric, req.max_drop, progress)
+        progress(f"measuring fp32 on {evaluation.usable()} eval samples")
+        search = Search(base, ctx, evaluation, req.max_drop, req.metric, progress)
         run_search(search)
         chosen = search.best()
         if chosen is None:
             raise EdgeopsError(_no_fit_message(search, profile))
-        if search.slower_than_fp32(chosen):
+        if profile.precision != "fp32" and not reduces_precision(chosen):
+            failures = sorted({r.error or "; ".join(r.misses) for r in search.results if not r.ok})
+            notes.append(f"no {profile.precision} candidate fit, so the bundle holds the fp32 model: {' / '.join(failures)}")
+        progress("measuring fp32 and the chosen model's latency side by side")
+        latency = _final_latency(base, chosen, evaluation, profile)
+        if latency["compiled"] > latency["fp32"]:
+            close = " (within measurement noise)" if latency["compiled"] < latency["fp32"] * 1.05 else ""
             notes.append(
-                f"the chosen model is slower than fp32 here ({chosen.latency_ms:.3f} ms vs "
-                f"{search.fp32_latency_ms:.3f} ms): no faster candidate met the tolerance"
+                f"the chosen model is slower than fp32 here{close}: {latency['compiled']:.3f} ms vs "
+                f"{latency['fp32']:.3f} ms; no faster candidate met the tolerance"
             )
         progress("validating the chosen model and measuring peak memory")
         memory = _peak_memory(Path(tmp), base, chosen, evaluation, profile)
@@ -131,8 +135,8 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
                 f"the compiled model needs {memory['compiled']:.0f} MB at run time, over the profile's "
                 f"{profile.budget.max_runtime_memory_mb} MB budget"
             )
-        report = _report(req, profile, name, version, source, base, search, chosen, memory, notes, calib, evaluation)
-        payload = _bundle_bytes(report, profile, name, version, source, search, chosen, calib, evaluation, metric)
+        report = _report(req, profile, name, source, base, search, chosen, latency, memory, notes, evaluation)
+        payload = _bundle_bytes(report, profile, name, version, source, search, chosen, calib, evaluation)
     path = req.outdir / bundlemod.bundle_filename(name, version, profile.name)
     bundlemod.atomic_write(path, payload)
     report["bundle"] = str(path)
@@ -164,11 +168,18 @@ def _peak_memory(tmp: Path, base: onnx.ModelProto, chosen: Result, evaluation, p
     return figures
 
 
-def _report(req, profile, name, version, source, base, search: Search, chosen: Result, memory, notes, calib, evaluation):
+def _final_latency(base: onnx.ModelProto, chosen: Result, evaluation, profile: Profile) -> dict[str, float]:
+    threads = profile.runtime.threads
+    sessions = [measure.session(m.SerializeToString(), threads) for m in (base, chosen.model)]
+    fp32, compiled = measure.paired_latency_ms(sessions, measure.first_sample(evaluation))
+    return {"fp32": round(fp32, 4), "compiled": round(compiled, 4)}
+
+
+def _report(req, profile, name, source, base, search: Search, chosen: Result, latency, memory, notes, evaluation):
     return {
         "bundle": None,
         "name": name,
-        "version": version,
+        "version": req.version,
         "profile": profile.name,
         "runtime": {"name": profile.runtime.name, "device_version": profile.runtime.version, "validated_with": onnxruntime.__version__},
         "size_bytes": chosen.size_bytes,
@@ -183,7 +194,7 @@ def _report(req, profile, name, version, source, base, search: Search, chosen: R
             "max_drop": req.max_drop,
             "eval_samples": evaluation.usable(),
         },
-        "latency_ms": {"fp32": round(search.fp32_latency_ms, 4), "compiled": round(chosen.latency_ms, 4)},
+        "latency_ms": latency,
         "peak_memory_mb": memory,
         "chosen": chosen.label,
         "passes": [describe(Optimize()), *(describe(p) for p in chosen.passes)],
@@ -196,14 +207,14 @@ def _tensor_specs(model: onnx.ModelProto, specs) -> list[dict[str, Any]]:
     return [spec.to_dict() for spec in specs]
 
 
-def _bundle_bytes(report, profile, name, version, source, search: Search, chosen: Result, calib, evaluation, metric) -> bytes:
+def _bundle_bytes(report, profile, name, version, source, search: Search, chosen: Result, calib, evaluation) -> bytes:
     model = chosen.model
     model_data = model.SerializeToString(deterministic=True)
     out_names = [o.name for o in outputs_of(model)]
     sess = measure.session(model_data)
     ref_data = evaluation if calib is None else calib
     ref_outputs = measure.run_dataset(sess, ref_data)
-    classifier = quality.classifier_output(model, outputs_of(model))
+    classifier = search.metric.output if search.metric.name != "cosine" else None
     summaries = reference.reference_summaries(ref_data, out_names, ref_outputs, classifier)
     golden = measure.run_dataset(sess, evaluation, reference.SELFTEST_SAMPLES)
     arrays, selftest = reference.selftest_arrays(evaluation, out_names, golden)

@@ -1,9 +1,11 @@
 """Calibration and evaluation data: `.npz` files keyed by input name, the first axis indexing samples.
 
-A sample either adds a batch axis (its array has one dimension fewer than the model input, and
-samples are stacked along the model's first axis, as many per run as the model allows) or is a whole
-model input by itself (same rank, e.g. a recurrent state whose batch axis is not the first), in
-which case the model runs one sample at a time. `labels` (class indices) may ride along.
+For each input, a sample either lacks the batch axis (its array has one dimension fewer than the
+model input: samples stack along the model's first axis) or is a whole model input by itself (same
+rank, e.g. a recurrent state whose batch axis is not the first, or a scalar). When every input
+stacks, the model runs as many samples at once as its batch axis allows; when any input is whole,
+it runs one sample at a time, the stacking inputs getting a batch of one. `labels` (class indices)
+may ride along.
 """
 
 from __future__ import annotations
@@ -30,27 +32,38 @@ class Dataset:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     batch: int | None  # the model's fixed batch size; None when its batch axis is dynamic
-    stacked: bool
+    whole: frozenset[str]  # inputs whose samples are whole model inputs (no batch axis to stack on)
     digest: str
+
+    @property
+    def stacked(self) -> bool:
+        """True when samples run many at a time, stacked on the first axis."""
+        return not self.whole
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
-    def batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds for the model: `batch` stacked samples at a time, or one unstacked sample at a time."""
+    def batches(self, limit: int | None = None, uniform: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for the model, covering the first `limit` samples.
+
+        `uniform` drops a trailing partial batch (when a full one exists): onnxruntime's histogram
+        calibrators cannot merge batches of different sizes.
+        """
         count = self.usable() if limit is None else min(limit, self.usable())
         if not self.stacked:
-            for index in range(count):
-                yield {k: v[index] for k, v in self.arrays.items()}
+            for i in range(count):
+                yield {k: np.asarray(v[i]) if k in self.whole else v[i : i + 1] for k, v in self.arrays.items()}
             return
         step = self.batch or MAX_BATCH
+        if uniform and count >= step:
+            count -= count % step
         for start in range(0, count, step):
             yield {k: v[start : min(start + step, count)] for k, v in self.arrays.items()}
 
     def take(self, indices: np.ndarray | slice) -> "Dataset":
         labels = None if self.labels is None else self.labels[indices]
         arrays = {k: v[indices] for k, v in self.arrays.items()}
-        return Dataset(arrays, labels, self.batch, self.stacked, self.digest)
+        return Dataset(arrays, labels, self.batch, self.whole, self.digest)
 
     def usable(self) -> int:
         """Samples the batches cover (a fixed batch size may leave a remainder out)."""
@@ -84,7 +97,7 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
     counts = {len(a) if a.ndim else -1 for a in arrays.values()}
     if len(counts) != 1 or -1 in counts or 0 in counts:
         raise EdgeopsError(f"{role} data {path}: every array needs the same number of samples on its first axis")
-    stacked = True
+    whole = set()
     for spec in inputs:
         array = arrays[spec.name]
         if array.dtype.name != spec.dtype:
@@ -96,7 +109,7 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
         if spec.shape and _fits(sample, spec.shape, 1):
             continue
         if _fits(sample, spec.shape, 0):
-            stacked = False
+            whole.add(spec.name)
             continue
         raise EdgeopsError(
             f"{role} data {path}: '{spec.name}' samples have shape {list(sample)}, "
@@ -104,11 +117,11 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
         )
     if labels is not None and (labels.ndim != 1 or len(labels) != counts.pop() or labels.dtype.kind not in "iu"):
         raise EdgeopsError(f"{role} data {path}: 'labels' must be integer class indices, one per sample")
-    batch = _batch_size(inputs) if stacked else None
+    batch = None if whole else _batch_size(inputs)
     if batch and len(next(iter(arrays.values()))) < batch:
         raise EdgeopsError(f"{role} data {path} has fewer samples than the model's fixed batch size {batch}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Dataset(arrays, labels, batch, stacked, digest)
+    return Dataset(arrays, labels, batch, frozenset(whole), digest)
 
 
 def _batch_size(inputs: list[TensorSpec]) -> int | None:

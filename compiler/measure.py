@@ -26,11 +26,18 @@ LATENCY_MAX_RUNS = 2000
 LATENCY_BUDGET_S = 0.5
 
 
-def session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+def session(model_bytes: bytes, threads: int = 1, quiet: bool = False, plain: bool = False) -> ort.InferenceSession:
+    """A CPU session; `quiet` also silences onnxruntime's own error log (for probes expected to fail).
+
+    `plain` turns graph optimizations off, to check the graph is valid ONNX by itself and not only
+    after onnxruntime's fusions, which another runtime version or execution provider may not apply.
+    """
     options = ort.SessionOptions()
+    if plain:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -51,16 +58,37 @@ def first_sample(data: Dataset) -> dict[str, np.ndarray]:
     return next(data.batches(limit=data.batch or 1))
 
 
+def _timed(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    sess.run(None, feed)
+    return time.perf_counter() - start
+
+
 def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    """Median batch-1 latency: at least LATENCY_MIN_RUNS runs, more while the time budget lasts."""
     for _ in range(3):
         sess.run(None, feed)
     times = []
     deadline = time.perf_counter() + LATENCY_BUDGET_S
     while len(times) < LATENCY_MIN_RUNS or (len(times) < LATENCY_MAX_RUNS and time.perf_counter() < deadline):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
+        times.append(_timed(sess, feed))
     return float(np.median(times) * 1000)
+
+
+def paired_latency_ms(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 40) -> list[float]:
+    """Median latencies of several models measured in alternating short blocks.
+
+    Load from other processes comes and goes; alternating puts every model under the same
+    conditions, so their ratio holds even when the absolute figures drift.
+    """
+    for sess in sessions:
+        for _ in range(3):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for index, sess in enumerate(sessions):
+            times[index].extend(_timed(sess, feed) for _ in range(5))
+    return [float(np.median(t) * 1000) for t in times]
 
 
 def peak_memory_mb(model_path: Path, feed_path: Path, threads: int) -> float:

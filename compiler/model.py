@@ -40,7 +40,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name if tensor.elem_type else "unknown"
     dims: list[int | str | None] = []
     for dim in tensor.shape.dim:
-        if dim.HasField("dim_value"):
+        if dim.HasField("dim_value") and dim.dim_value >= 0:
             dims.append(dim.dim_value)
         else:
             dims.append(dim.dim_param or None)
@@ -100,7 +100,8 @@ def _all_tensors(model: onnx.ModelProto):
 def _check_sizes(model: onnx.ModelProto) -> None:
     for value in [*model.graph.input, *model.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and not 0 <= dim.dim_value <= MAX_DIM:
+            # -1 is how some exporters (paddle2onnx) write a dynamic axis; onnxruntime accepts it.
+            if dim.HasField("dim_value") and not -1 <= dim.dim_value <= MAX_DIM:
                 raise EdgeopsError(f"'{value.name}' has an absurd dimension {dim.dim_value}; refusing the model")
     for tensor in _all_tensors(model):
         if any(d < 0 or d > MAX_DIM for d in tensor.dims) or np.prod(tensor.dims, dtype=float) > MAX_TENSOR_ELEMENTS:

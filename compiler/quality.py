@@ -26,15 +26,15 @@ class Metric:
     output: int  # which output the class scores are in (accuracy/top1); unused for cosine
 
 
-def classifier_output(model: onnx.ModelProto, outputs: list[TensorSpec]) -> int | None:
-    """Index of the output holding class scores, or None when the model does not look like a classifier."""
+def classifier_output(model: onnx.ModelProto, outputs: list[TensorSpec], arrays: list[np.ndarray]) -> int | None:
+    """Index of the output holding class scores, or None when the model does not look like a classifier.
+
+    Shapes come from real outputs (`arrays`), since exporters often leave output shapes undeclared.
+    """
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    has_label = any(spec.dtype.startswith("int") for spec in outputs)
-    for index, spec in enumerate(outputs):
-        if not spec.dtype.startswith("float") or len(spec.shape) < 2:
-            continue
-        classes = spec.shape[-1]
-        if isinstance(classes, int) and classes < 2:
+    has_label = any(np.issubdtype(a.dtype, np.integer) for a in arrays)
+    for index, (spec, array) in enumerate(zip(outputs, arrays)):
+        if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2 or array.shape[-1] < 2:
             continue
         named = any(hint in spec.name.lower() for hint in CLASSIFIER_HINTS)
         if named or has_label or producers.get(spec.name) in ("Softmax", "LogSoftmax"):
@@ -42,11 +42,15 @@ def classifier_output(model: onnx.ModelProto, outputs: list[TensorSpec]) -> int 
     return None
 
 
-def choose_metric(model: onnx.ModelProto, outputs: list[TensorSpec], has_labels: bool, forced: str | None) -> Metric:
-    index = classifier_output(model, outputs)
+def choose_metric(
+    model: onnx.ModelProto, outputs: list[TensorSpec], arrays: list[np.ndarray], has_labels: bool, forced: str | None
+) -> Metric:
+    """Accuracy with labels, top-1 agreement for classifiers, cosine otherwise; `forced` overrides."""
+    index = classifier_output(model, outputs, arrays)
+    if index is None and (has_labels or forced in ("accuracy", "top1")):
+        # labels say it is a classifier even if nothing else does: the first float output with classes
+        index = next((i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating) and a.shape[-1] > 1), None)
     name = forced or ("accuracy" if has_labels and index is not None else "top1" if index is not None else "cosine")
-    if name in ("accuracy", "top1") and index is None:
-        index = next((i for i, s in enumerate(outputs) if s.dtype.startswith("float")), 0)
     return Metric(name, index or 0)
 
 

@@ -114,6 +114,6 @@ def selftest_arrays(data: Dataset, output_names: list[str], outputs: list[np.nda
         "file": "selftest.npz",
         "samples": count,
         "batch": data.batch,
-        "stacked": data.stacked,
+        "whole_inputs": sorted(data.whole),
         "tolerance": tolerances,
     }

@@ -28,7 +28,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 
 def _run(model_bytes: bytes, data: Dataset, names: list[str]) -> dict[str, np.ndarray]:
-    sess = measure.session(model_bytes)
+    sess = measure.session(model_bytes, quiet=True)
     results: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in data.batches(SAMPLES):
         for name, value in zip(names, sess.run(names, feed)):

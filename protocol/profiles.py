@@ -9,6 +9,7 @@ silently and ship a model that does not fit the device.
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, fields
 from importlib import resources
@@ -104,6 +105,8 @@ def _choice(where: str, field: str, value: Any, allowed: tuple[str, ...]) -> str
 
 def _positive(where: str, field: str, value: Any, kind: type) -> Any:
     value = _typed(where, field, value, kind)
+    if not math.isfinite(value):  # nan would compare false with every measurement and disable the budget
+        raise _fail(where, field, f"must be a finite number, got {value}")
     if value <= 0:
         raise _fail(where, field, f"must be positive, got {value}")
     return value
@@ -190,12 +193,15 @@ def shipped_profile_names() -> list[str]:
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load a shipped profile by name, or a user's profile from a .toml path."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.exists():
+    names = shipped_profile_names()
+    if candidate.suffix == ".toml":
         path = candidate
-    else:
+    elif str(name_or_path) in names:
+        # A shipped name wins over a same-named file or folder in the working directory (e.g. `-o rpi4`).
         path = _shipped_dir() / f"{name_or_path}.toml"
-        if not path.is_file():
-            names = shipped_profile_names()
+    else:
+        path = candidate
+        if not candidate.is_file():
             close = difflib.get_close_matches(str(name_or_path), names, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise EdgeopsError(

@@ -20,6 +20,7 @@ from edgeops.compiler.passes import PassContext, PassError
 
 log = logging.getLogger(__name__)
 MIN_OPSET = 13
+GROWTH_LIMIT = 1.01
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -60,6 +61,7 @@ class Optimize:
         model = upgrade_opset(constants_to_initializers(model))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.log_severity_level = 3
         out = ctx.workdir / "optimized.onnx"
         options.optimized_model_filepath = str(out)
         try:
@@ -68,6 +70,10 @@ class Optimize:
             raise PassError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
         optimized = onnx.load(str(out))
         out.unlink()
+        if optimized.ByteSize() > model.ByteSize() * GROWTH_LIMIT:
+            # constant folding can duplicate weights (seen inside If branches): a bigger model is no gain
+            log.info("graph optimization grew the model from %d to %d bytes; not kept", model.ByteSize(), optimized.ByteSize())
+            optimized = model
         return name_nodes(optimized)
 
 

@@ -16,7 +16,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from edgeops.compiler.data import Dataset
 from edgeops.compiler.model import opset_of
 from edgeops.compiler.passes import PassContext, PassError
-from edgeops.compiler.passes.quantize_common import QUANT_TYPES, check_quantized, quantizer_input, ort_extra_options
+from edgeops.compiler.passes.quantize_common import QUANT_TYPES, check_quantized, quiet_quantizer, quantizer_input, ort_extra_options
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 HISTOGRAM_SAMPLES = 128
@@ -25,7 +25,7 @@ MINMAX_SAMPLES = 512
 
 class _Reader(CalibrationDataReader):
     def __init__(self, data: Dataset, limit: int):
-        self._feeds = iter(data.batches(limit))
+        self._feeds = iter(data.batches(limit, uniform=True))
 
     def get_next(self):
         return next(self._feeds, None)
@@ -46,20 +46,21 @@ class StaticQuantize:
         out = ctx.workdir / "static.onnx"
         limit = MINMAX_SAMPLES if self.method == "minmax" else HISTOGRAM_SAMPLES
         try:
-            quantize_static(
-                quantizer_input(model, ctx.workdir),
-                str(out),
-                _Reader(ctx.calib, limit),
-                quant_format=QuantFormat.QDQ if q.format == "qdq" else QuantFormat.QOperator,
-                op_types_to_quantize=list(self.op_types) or None,
-                per_channel=self.per_channel and opset_of(model) >= 13,
-                reduce_range=q.reduce_range,
-                activation_type=QUANT_TYPES[q.activation_type],
-                weight_type=QUANT_TYPES[q.weight_type],
-                nodes_to_exclude=list(self.exclude) or None,
-                calibrate_method=METHODS[self.method],
-                extra_options=ort_extra_options(q.activation_type),
-            )
+            with quiet_quantizer():
+                quantize_static(
+                    quantizer_input(model, ctx.workdir),
+                    str(out),
+                    _Reader(ctx.calib, limit),
+                    quant_format=QuantFormat.QDQ if q.format == "qdq" else QuantFormat.QOperator,
+                    op_types_to_quantize=list(self.op_types) or None,
+                    per_channel=self.per_channel and opset_of(model) >= 13,
+                    reduce_range=q.reduce_range,
+                    activation_type=QUANT_TYPES[q.activation_type],
+                    weight_type=QUANT_TYPES[q.weight_type],
+                    nodes_to_exclude=list(self.exclude) or None,
+                    calibrate_method=METHODS[self.method],
+                    extra_options=ort_extra_options(q.activation_type),
+                )
         except (ValueError, RuntimeError, MemoryError, KeyError, IndexError, TypeError) as exc:
             raise PassError(f"onnxruntime static quantization failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         quantized = onnx.load(str(out))
