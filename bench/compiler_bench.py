@@ -17,7 +17,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import onnx
 from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ import onnxruntime
 
 import edgeops
 from edgeops.compiler import data as datamod
-from edgeops.compiler import measure, quality, reference
+from edgeops.compiler import measure, reference
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
 from edgeops.compiler.passes.optimize import Optimize
@@ -88,6 +88,24 @@ def _datasets(req: BuildRequest, model: onnx.ModelProto) -> tuple[datamod.Datase
     return calib, evaluation, notes
 
 
+@dataclass
+class Compiled:
+    """Everything one build decided and measured, from which the report and the bundle are made."""
+
+    req: BuildRequest
+    profile: Profile
+    name: str
+    version: str
+    source: onnx.ModelProto
+    calib: datamod.Dataset | None
+    evaluation: datamod.Dataset
+    search: Search
+    chosen: Result
+    notes: list[str]
+    latency: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+
+
 def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Compile, validate and bundle; return the report. Raises EdgeopsError when no candidate fits."""
     profile = load_profile(req.profile)
@@ -112,36 +130,49 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
         except PassError as exc:
             raise EdgeopsError(f"{req.model}: {exc}") from None
         progress(f"measuring fp32 on {evaluation.usable()} eval samples")
-        search = Search(base, ctx, evaluation, req.max_drop, req.metric, progress)
-        run_search(search)
+        search = run_search(Search(base, ctx, evaluation, req.max_drop, req.metric, progress))
         chosen = search.best()
         if chosen is None:
             raise EdgeopsError(_no_fit_message(search, profile))
-        if profile.precision != "fp32" and not reduces_precision(chosen):
-            failures = sorted({r.error or "; ".join(r.misses) for r in search.results if not r.ok})
-            notes.append(f"no {profile.precision} candidate fit, so the bundle holds the fp32 model: {' / '.join(failures)}")
+        compiled = Compiled(req, profile, name, version, source, calib, evaluation, search, chosen, notes)
         progress("measuring fp32 and the chosen model's latency side by side")
-        latency = _final_latency(base, chosen, evaluation, profile)
-        if latency["compiled"] > latency["fp32"]:
-            close = " (within measurement noise)" if latency["compiled"] < latency["fp32"] * 1.05 else ""
-            notes.append(
-                f"the chosen model is slower than fp32 here{close}: {latency['compiled']:.3f} ms vs "
-                f"{latency['fp32']:.3f} ms; no faster candidate met the tolerance"
-            )
-        progress("validating the chosen model and measuring peak memory")
-        memory = _peak_memory(Path(tmp), base, chosen, evaluation, profile)
-        if memory["compiled"] > profile.budget.max_runtime_memory_mb:
-            raise EdgeopsError(
-                f"the compiled model needs {memory['compiled']:.0f} MB at run time, over the profile's "
-                f"{profile.budget.max_runtime_memory_mb} MB budget"
-            )
-        report = _report(req, profile, name, source, base, search, chosen, latency, memory, notes, evaluation)
-        payload = _bundle_bytes(report, profile, name, version, source, search, chosen, calib, evaluation)
+        _validate(compiled, Path(tmp))
+        report = _report(compiled)
+        payload = package(compiled, report)
     path = req.outdir / bundlemod.bundle_filename(name, version, profile.name)
     bundlemod.atomic_write(path, payload)
     report["bundle"] = str(path)
     report["bundle_bytes"] = len(payload)
     return report
+
+
+def _validate(c: Compiled, tmp: Path) -> None:
+    """Final figures for the chosen model against fp32, with the notes a user must read."""
+    if c.profile.precision != "fp32" and not reduces_precision(c.chosen):
+        failures = sorted({r.error or "; ".join(r.misses) for r in c.search.results if not r.ok})
+        c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the fp32 model: {' / '.join(failures)}")
+    threads = c.profile.runtime.threads
+    feed = measure.first_sample(c.evaluation)
+    models = {"fp32": c.search.base, "compiled": c.chosen.model}
+    sessions = [measure.session(m.SerializeToString(), threads) for m in models.values()]
+    c.latency = {k: round(v, 4) for k, v in zip(models, measure.paired_latency_ms(sessions, feed))}
+    if c.latency["compiled"] > c.latency["fp32"]:
+        close = " (within measurement noise)" if c.latency["compiled"] < c.latency["fp32"] * 1.05 else ""
+        c.notes.append(
+            f"the chosen model is slower than fp32 here{close}: {c.latency['compiled']:.3f} ms vs "
+            f"{c.latency['fp32']:.3f} ms; no faster candidate met the tolerance"
+        )
+    feed_path = tmp / "feed.npz"
+    np.savez(feed_path, **feed)
+    for key, model in models.items():
+        path = tmp / f"{key}.onnx"
+        path.write_bytes(model.SerializeToString())
+        c.memory[key] = round(measure.peak_memory_mb(path, feed_path, threads), 1)
+    if c.memory["compiled"] > c.profile.budget.max_runtime_memory_mb:
+        raise EdgeopsError(
+            f"the compiled model needs {c.memory['compiled']:.0f} MB at run time, over the profile's "
+            f"{c.profile.budget.max_runtime_memory_mb} MB budget"
+        )
 
 
 def _no_fit_message(search: Search, profile: Profile) -> str:
@@ -157,84 +188,64 @@ def _no_fit_message(search: Search, profile: Profile) -> str:
     )
 
 
-def _peak_memory(tmp: Path, base: onnx.ModelProto, chosen: Result, evaluation, profile: Profile) -> dict[str, float]:
-    feed_path = tmp / "feed.npz"
-    np.savez(feed_path, **measure.first_sample(evaluation))
-    figures = {}
-    for key, model in (("fp32", base), ("compiled", chosen.model)):
-        path = tmp / f"{key}.onnx"
-        path.write_bytes(model.SerializeToString())
-        figures[key] = round(measure.peak_memory_mb(path, feed_path, profile.runtime.threads), 1)
-    return figures
-
-
-def _final_latency(base: onnx.ModelProto, chosen: Result, evaluation, profile: Profile) -> dict[str, float]:
-    threads = profile.runtime.threads
-    sessions = [measure.session(m.SerializeToString(), threads) for m in (base, chosen.model)]
-    fp32, compiled = measure.paired_latency_ms(sessions, measure.first_sample(evaluation))
-    return {"fp32": round(fp32, 4), "compiled": round(compiled, 4)}
-
-
-def _report(req, profile, name, source, base, search: Search, chosen: Result, latency, memory, notes, evaluation):
+def _report(c: Compiled) -> dict[str, Any]:
+    search, chosen = c.search, c.chosen
     return {
         "bundle": None,
-        "name": name,
-        "version": req.version,
-        "profile": profile.name,
-        "runtime": {"name": profile.runtime.name, "device_version": profile.runtime.version, "validated_with": onnxruntime.__version__},
+        "name": c.name,
+        "version": c.version,
+        "profile": c.profile.name,
+        "runtime": {"name": c.profile.runtime.name, "device_version": c.profile.runtime.version,
+                    "validated_with": onnxruntime.__version__},
         "size_bytes": chosen.size_bytes,
         "download_bytes": chosen.download_bytes,
-        "fp32_size_bytes": _source_size(req.model, source),
-        "parameters": parameter_count(base),
+        "fp32_size_bytes": _source_size(c.req.model, c.source),
+        "parameters": parameter_count(search.base),
         "quality": {
             "metric": search.metric.name,
             "fp32": round(search.fp32_quality, 6),
             "compiled": round(chosen.quality, 6),
             "drop": round(chosen.drop, 6),
-            "max_drop": req.max_drop,
-            "eval_samples": evaluation.usable(),
+            "max_drop": c.req.max_drop,
+            "eval_samples": c.evaluation.usable(),
         },
-        "latency_ms": latency,
-        "peak_memory_mb": memory,
+        "latency_ms": c.latency,
+        "peak_memory_mb": c.memory,
         "chosen": chosen.label,
         "passes": [describe(Optimize()), *(describe(p) for p in chosen.passes)],
         "candidates": [r.to_dict() for r in search.results],
-        "notes": notes,
+        "notes": c.notes,
     }
 
 
-def _tensor_specs(model: onnx.ModelProto, specs) -> list[dict[str, Any]]:
-    return [spec.to_dict() for spec in specs]
-
-
-def _bundle_bytes(report, profile, name, version, source, search: Search, chosen: Result, calib, evaluation) -> bytes:
-    model = chosen.model
+def package(c: Compiled, report: dict[str, Any]) -> bytes:
+    """The bundle: the chosen model, its manifest, drift reference and self-test (docs/bundle.md)."""
+    model = c.chosen.model
     model_data = model.SerializeToString(deterministic=True)
     out_names = [o.name for o in outputs_of(model)]
     sess = measure.session(model_data)
-    ref_data = evaluation if calib is None else calib
-    ref_outputs = measure.run_dataset(sess, ref_data)
-    classifier = search.metric.output if search.metric.name != "cosine" else None
-    summaries = reference.reference_summaries(ref_data, out_names, ref_outputs, classifier)
-    golden = measure.run_dataset(sess, evaluation, reference.SELFTEST_SAMPLES)
-    arrays, selftest = reference.selftest_arrays(evaluation, out_names, golden)
+    ref_data = c.evaluation if c.calib is None else c.calib
+    classifier = c.search.metric.output if c.search.metric.name != "cosine" else None
+    summaries = reference.reference_summaries(ref_data, out_names, measure.run_dataset(sess, ref_data), classifier)
+    golden = measure.run_dataset(sess, c.evaluation, reference.SELFTEST_SAMPLES)
+    arrays, selftest = reference.selftest_arrays(c.evaluation, out_names, golden)
     manifest = {
-        "name": name,
-        "version": version,
-        "profile": profile.name,
-        "runtime": {"name": profile.runtime.name, "min_version": profile.runtime.version},
+        "name": c.name,
+        "version": c.version,
+        "profile": c.profile.name,
+        "runtime": {"name": c.profile.runtime.name, "min_version": c.profile.runtime.version},
         "model": {"file": "model.onnx", "format": "onnx", "opset": opset_of(model), "ir_version": model.ir_version,
                   "sha256": bundlemod.sha256_bytes(model_data), "size": len(model_data)},
-        "inputs": _tensor_specs(model, inputs_of(model)),
-        "outputs": _tensor_specs(model, outputs_of(model)),
+        "inputs": [spec.to_dict() for spec in inputs_of(model)],
+        "outputs": [spec.to_dict() for spec in outputs_of(model)],
         "classifier_output": classifier,
         "selftest": selftest,
-        "compiler": {"engine": "edgeops", "chosen": chosen.label, "passes": report["passes"], "max_drop": report["quality"]["max_drop"]},
-        "metrics": {"quality": report["quality"], "size_bytes": chosen.size_bytes, "fp32_size_bytes": report["fp32_size_bytes"]},
+        "compiler": {"engine": "edgeops", "chosen": c.chosen.label, "passes": report["passes"], "max_drop": c.req.max_drop},
+        "metrics": {"quality": report["quality"], "size_bytes": c.chosen.size_bytes, "fp32_size_bytes": report["fp32_size_bytes"]},
         "lineage": {
-            "source_sha256": bundlemod.sha256_bytes(source.SerializeToString(deterministic=True)),
-            "calib_sha256": calib.digest if calib is not None else None,
-            "eval_sha256": evaluation.digest,
+            "source_sha256": bundlemod.sha256_file(c.req.model),
+            "calib_sha256": c.calib.digest if c.calib is not None else None,
+            "eval_sha256": c.evaluation.digest,
             "edgeops_version": edgeops.__version__,
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,

@@ -154,7 +154,7 @@ def _export(net, example: tuple, path: Path, input_names: list[str], dynamic: bo
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", "The axis name: N will not be used")  # inputs sharing one batch Dim
+        warnings.filterwarnings("ignore", ".*axis name: N will not be used")  # inputs sharing one batch Dim
         torch.onnx.export(net, example, str(path), input_names=input_names, output_names=["logits"],
                           opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes=tuple({0: n} for _ in example) if dynamic else None)
