@@ -158,7 +158,7 @@ def build(model, profile, calib, eval_, max_accuracy_drop, metric, name, version
     if as_json:
         _echo_json(report)
     else:
-        render(report, Console())
+        render(report, _stdout_console())
 
 
 @cli.command()
@@ -204,9 +204,16 @@ def demo(workdir: Path, as_json: bool) -> None:
 
     from edgeops.demo import run_demo
 
-    results = run_demo(workdir, Console(stderr=as_json))
+    results = run_demo(workdir, Console(stderr=True) if as_json else _stdout_console())
     if as_json:
         _echo_json(results)
+
+
+def _stdout_console():
+    """Rich console for stdout: 80 columns squeeze the report when piped, so use 120 there."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def main() -> None:

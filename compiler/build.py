@@ -20,6 +20,7 @@ import onnxruntime
 import edgeops
 from edgeops.compiler import data as datamod
 from edgeops.compiler import measure, reference
+from edgeops.compiler.chart import candidates_html
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
 from edgeops.compiler.passes.optimize import Optimize
@@ -140,9 +141,11 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
         report = _report(compiled)
         payload = package(compiled, report)
     path = req.outdir / bundlemod.bundle_filename(name, version, profile.name)
-    bundlemod.atomic_write(path, payload)
     report["bundle"] = str(path)
     report["bundle_bytes"] = len(payload)
+    report["chart"] = str(path.with_suffix(".html"))
+    bundlemod.atomic_write(path, payload)
+    bundlemod.atomic_write(Path(report["chart"]), candidates_html(report).encode())
     return report
 
 

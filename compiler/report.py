@@ -31,7 +31,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"chosen: [bold]{report['chosen']}[/bold]")
     for note in report["notes"]:
         console.print(f"note: {note}")
-    console.print(f"bundle: [bold]{report['bundle']}[/bold]")
+    console.print(f"bundle: [bold]{report['bundle']}[/bold]  chart: {report['chart']}")
 
 
 def _verdict(candidate: dict[str, Any], chosen: bool) -> str:

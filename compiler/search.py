@@ -7,7 +7,8 @@ and which one wins depends on the model. The search runs in rounds, each buildin
 1. base configurations the profile allows (static weights-only / all ops, dynamic for MatMul graphs);
 2. if the best static one misses the tolerance: keep its most sensitive layers in float;
 3. other calibration methods for the best static configuration;
-4. magnitude pruning on top of the winner, at the highest sparsity that still fits the tolerance.
+4. structured pruning (whole channels) in front of the winner, then magnitude pruning, each at the
+   highest ratio that still fits the tolerance.
 
 Selection: within the tolerance and the profile's budgets, prefer candidates not clearly slower
 than fp32, then the smallest download (in 2 % steps), then the one tried first. Latency only vetoes:
@@ -29,6 +30,7 @@ from edgeops.compiler.data import Dataset
 from edgeops.compiler.model import WEIGHT_OPS, count_ops, outputs_of
 from edgeops.compiler.passes import Pass, PassContext, PassError, describe
 from edgeops.compiler.passes.float16 import Float16
+from edgeops.compiler.passes.prune_channels import ChannelPrune
 from edgeops.compiler.passes.prune_magnitude import MagnitudePrune
 from edgeops.compiler.passes.quantize_dynamic import DynamicQuantize
 from edgeops.compiler.passes.quantize_static import StaticQuantize
@@ -36,6 +38,7 @@ from edgeops.compiler.sensitivity import sensitive_nodes
 
 log = logging.getLogger(__name__)
 SPARSITIES = (0.7, 0.5, 0.3)
+CHANNEL_RATIOS = (0.5, 0.25)
 # Latency only vetoes a candidate when it is clearly slower than fp32 (ConvInteger runs 4-9x slower):
 # finer differences are noise on a busy 2-core machine, and letting noise pick the winner would
 # make the bundle's bytes depend on the machine's load rather than on the inputs.
@@ -198,6 +201,13 @@ def _prune_round(search: Search) -> None:
     winner = search.best()
     if winner is None:
         return
+    for ratio in CHANNEL_RATIOS:
+        result = search.evaluate(f"remove {ratio:.0%} channels + {winner.label}", (ChannelPrune(ratio), *winner.passes))
+        if result.ok:
+            winner = result
+            break
+        if result.error:
+            break
     for sparsity in SPARSITIES:
         result = search.evaluate(f"prune {sparsity:.0%} + {winner.label}", (MagnitudePrune(sparsity), *winner.passes))
         if result.ok:
