@@ -17,6 +17,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+
 from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -34,7 +35,7 @@ MODELS = {
     "digits_cnn": zoo.digits_cnn,
     "digits_mlp": zoo.digits_mlp,
     "two_input": zoo.two_input_model,
-    **zoo_thirdparty.MODELS,
+    **zoo_thirdparty.ALL,
 }
 
 
@@ -59,7 +60,7 @@ def _measure(model_bytes: bytes, evaluation, metric, reference, threads: int) ->
     return {
         "size": len(model_bytes),
         "download": len(zlib.compress(model_bytes, 9)),
-        "quality": quality.score(metric, reference or outputs, outputs, evaluation.labels),
+        "quality": quality.score(metric, reference, outputs, evaluation.labels),
         "latency_ms": measure.latency_ms(sess, measure.first_sample(evaluation)),
         "outputs": outputs,
     }
@@ -71,18 +72,19 @@ def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
     inputs = inputs_of(model)
     calib = load_npz(example.calib, inputs, "calibration")
     evaluation = load_npz(example.eval, inputs, "eval")
-    metric = quality.choose_metric(model, outputs_of(model), evaluation.labels is not None, None)
     threads = 2
-    fp32 = _measure(model.SerializeToString(), evaluation, metric, None, threads)
+    reference = measure.run_dataset(measure.session(model.SerializeToString(), threads), evaluation)
+    metric = quality.choose_metric(model, outputs_of(model), reference, evaluation.labels is not None, None)
+    fp32 = _measure(model.SerializeToString(), evaluation, metric, reference, threads)
     plain_path = workdir / f"{name}-plain.onnx"
     try:
         _plain_ort(example.onnx, calib, plain_path)
-        plain = _measure(plain_path.read_bytes(), evaluation, metric, fp32["outputs"], threads)
+        plain = _measure(plain_path.read_bytes(), evaluation, metric, reference, threads)
     except Exception as exc:  # plain ORT failing on a real model is itself a result
         plain = {"error": f"{type(exc).__name__}: {exc}"[:120]}
     report = build(BuildRequest(example.onnx, profile, example.calib, example.eval, name=name, outdir=workdir / "bundles"))
     bundle = read_bundle(report["bundle"])
-    ours = _measure(bundle.model_bytes, evaluation, metric, fp32["outputs"], threads)
+    ours = _measure(bundle.model_bytes, evaluation, metric, reference, threads)
     ours["bundle"] = report["bundle_bytes"]
     ours["chosen"] = report["chosen"]
     return {"model": name, "metric": metric.name, "fp32": fp32, "plain_ort": plain, "edgeops": ours}

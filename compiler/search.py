@@ -4,7 +4,7 @@ Every candidate is measured on the task metric, never assumed: on real models st
 op types has collapsed accuracy to chance, dynamic quantization of CNNs ran 4-9x slower than fp32,
 and which one wins depends on the model. The search runs in rounds, each building on the best so far:
 
-1. base configurations the profile allows (static weights-only / all ops, dynamic for MatMul graphs);
+1. base configurations the profile allows (static on all ops / on weight ops only, dynamic);
 2. if the best static one misses the tolerance: keep its most sensitive layers in float;
 3. other calibration methods for the best static configuration;
 4. structured pruning (whole channels) in front of the winner, then magnitude pruning, each at the
@@ -164,37 +164,50 @@ class Search:
 
 
 def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
-    per_channel = search.ctx.profile.quantization.per_channel
-    configs = [
-        ("int8 static minmax, weight ops", StaticQuantize("minmax", per_channel, weight_ops)),
-        ("int8 static minmax, all ops", StaticQuantize("minmax", per_channel)),
-    ]
-    for label, p in configs:
+    q = search.ctx.profile.quantization
+    # All ops first: fewer float<->int8 transitions run faster where it keeps accuracy (CNNs);
+    # weight ops only is the fallback for graphs whose element-wise math does not survive int8.
+    for label, p in (
+        ("int8 static minmax, all ops", StaticQuantize("minmax", q.per_channel, (), (), q.reduce_range)),
+        ("int8 static minmax, weight ops", StaticQuantize("minmax", q.per_channel, weight_ops, (), q.reduce_range)),
+    ):
         search.evaluate(label, (p,))
     static = [r for r in search.results if r.error is None and isinstance(r.passes[-1], StaticQuantize)]
     if not static:
         return
     best = min(static, key=lambda r: r.drop)
-    chosen: StaticQuantize = best.passes[-1]
-    if best.drop > search.max_drop and best.model is not None:
-        search.progress("measuring per-layer sensitivity")
-        try:
-            ranked = sensitive_nodes(search.base, best.model, search.ctx.calib or search.evaluation)
-        except Exception as exc:  # exposing inner tensors can break a graph onnxruntime otherwise runs
-            log.info("sensitivity analysis failed (%s); no layers kept in float", exc)
-            ranked = []
-        for count in EXCLUDE_COUNTS:
-            if count > len(ranked):
-                break
-            p = replace(chosen, exclude=tuple(ranked[:count]))
-            result = search.evaluate(f"{best.label}, {count} layer(s) float", (p,))
+    for variants in (_reduced_range, _float_layers, _other_calibration):
+        if best.ok:
+            return
+        for label, p in variants(search, best):
+            result = search.evaluate(label, (p,))
             if result.error is None and result.drop < best.drop:
-                best, chosen = result, p
+                best = result
             if result.ok:
                 break
-    for method in search.ctx.profile.quantization.calibration:
-        if method != chosen.method and not best.ok:
-            search.evaluate(best.label.replace(chosen.method, method), (replace(chosen, method=method),))
+
+
+def _reduced_range(search: Search, best: Result) -> list[tuple[str, StaticQuantize]]:
+    p: StaticQuantize = best.passes[-1]
+    return [] if p.reduce_range else [(f"{best.label}, 7-bit weights", replace(p, reduce_range=True))]
+
+
+def _float_layers(search: Search, best: Result) -> list[tuple[str, StaticQuantize]]:
+    """Keep the 1, 2, then 4 most sensitive weight layers in float."""
+    search.progress("measuring per-layer sensitivity")
+    try:
+        ranked = sensitive_nodes(search.base, best.model, search.ctx.calib or search.evaluation)
+    except Exception as exc:  # exposing inner tensors can break a graph onnxruntime otherwise runs
+        log.info("sensitivity analysis failed (%s); no layers kept in float", exc)
+        return []
+    p: StaticQuantize = best.passes[-1]
+    return [(f"{best.label}, {n} layer(s) float", replace(p, exclude=tuple(ranked[:n]))) for n in EXCLUDE_COUNTS if n <= len(ranked)]
+
+
+def _other_calibration(search: Search, best: Result) -> list[tuple[str, StaticQuantize]]:
+    p: StaticQuantize = best.passes[-1]
+    methods = [m for m in search.ctx.profile.quantization.calibration if m != p.method]
+    return [(best.label.replace(p.method, m), replace(p, method=m)) for m in methods]
 
 
 def _prune_round(search: Search) -> None:

@@ -16,6 +16,7 @@ from edgeops.compiler.data import Dataset
 from edgeops.compiler.model import WEIGHT_OPS
 
 SAMPLES = 64
+PROBE_STEPS = 4
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
@@ -36,11 +37,33 @@ def _run(model_bytes: bytes, data: Dataset, names: list[str]) -> dict[str, np.nd
     return {name: np.concatenate(chunks) for name, chunks in results.items()}
 
 
+def _probe(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], produced: set[str]) -> str | None:
+    """The first tensor at or after the node's output that the quantized graph still has.
+
+    The quantizer folds some ops into quantization (a Relu after a Conv, say), so the weight node's
+    own output may be gone; the next tensor along a single-reader chain measures the same layer.
+    """
+    tensor = node.output[0]
+    for _ in range(PROBE_STEPS):
+        if tensor in produced:
+            return tensor
+        following = readers.get(tensor, [])
+        if len(following) != 1:
+            return None
+        tensor = following[0].output[0]
+    return None
+
+
 def sensitive_nodes(fp32: onnx.ModelProto, quantized: onnx.ModelProto, data: Dataset) -> list[str]:
     """Names of weight-bearing nodes, most sensitive first."""
     produced = {out for node in quantized.graph.node for out in node.output}
-    nodes = [n for n in fp32.graph.node if n.op_type in WEIGHT_OPS and n.name and n.output[0] in produced]
-    names = [n.output[0] for n in nodes]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in fp32.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    probes = {n.name: _probe(n, readers, produced) for n in fp32.graph.node if n.op_type in WEIGHT_OPS and n.name}
+    nodes = [n for n in fp32.graph.node if probes.get(n.name)]
+    names = [probes[n.name] for n in nodes]
     if not names:
         return []
     reference = _run(_with_outputs(fp32, names), data, names)

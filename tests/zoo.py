@@ -71,28 +71,42 @@ def onnx_params(path: Path) -> int:
     return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Cross-process lock, so parallel test runs wait for one build instead of each training on the same cores."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): builds may be duplicated, the atomic rename still keeps the cache sound
+        fcntl = None
+    with open(path, "a") as f:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
+
+
 @functools.cache
 def _built(name: str) -> Path:
     """The cache dir of `name`, building it into a temp dir and renaming it into place if missing."""
     final = cache_root() / f"{name}-{_key()}"
-    if (final / "meta.json").exists():
-        return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
-        t0 = time.perf_counter()
-        BUILDERS[name](tmp)
-        m = ExampleModel(name, *(tmp / f for f in FILES))
-        meta = {"accuracy": ort_accuracy(m), "params": onnx_params(m.onnx), "build_s": time.perf_counter() - t0}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+    with _locked(final.parent / f".{final.name}.lock"):
+        if (final / "meta.json").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            tmp.rename(final)
-        except OSError:  # another process won the race; its copy is as good as ours
-            if not (final / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            t0 = time.perf_counter()
+            BUILDERS[name](tmp)
+            m = ExampleModel(name, *(tmp / f for f in FILES))
+            meta = {"accuracy": ort_accuracy(m), "params": onnx_params(m.onnx), "build_s": time.perf_counter() - t0}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                tmp.rename(final)
+            except OSError:  # another process won the race; its copy is as good as ours
+                if not (final / "meta.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -64,12 +64,8 @@ def quantizer_input(model: onnx.ModelProto, workdir: Path) -> str:
     return str(path)
 
 
-def ort_extra_options(activation_type: str) -> dict:
-    # ORT issue #24815: the int32-bias weight-scale adjustment breaks real models.
-    options = {"QDQDisableWeightAdjustForInt32Bias": True}
-    if activation_type == "int8":
-        options["ActivationSymmetric"] = True
-    return options
+# ORT issue #24815: the int32-bias weight-scale adjustment breaks real models.
+ORT_EXTRA_OPTIONS = {"QDQDisableWeightAdjustForInt32Bias": True}
 
 
 @contextlib.contextmanager
