@@ -130,7 +130,8 @@ def test_two_real_builds_are_byte_identical(digits_bundle, digits_cli_build):
 
 def test_real_bundle_name_and_members(digits_bundle):
     assert digits_bundle.path.name == "model-1.0.0-x86-vnni.edgeops"
-    assert sorted(p.name for p in digits_bundle.outdir.iterdir()) == [digits_bundle.path.name]
+    chart = digits_bundle.path.with_suffix(".html").name
+    assert sorted(p.name for p in digits_bundle.outdir.iterdir()) == sorted([digits_bundle.path.name, chart])
     with zipfile.ZipFile(digits_bundle.path) as archive:
         assert sorted(archive.namelist()) == ["manifest.json", "model.onnx", "reference.json", "selftest.npz"]
 

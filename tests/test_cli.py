@@ -130,7 +130,9 @@ def test_build_json_bundle_is_written(digits_cli_build, report):
     bundle = Path(report["bundle"])
     assert bundle.parent == digits_cli_build.outdir
     assert bundle.name == "model-1.0.0-x86-vnni.edgeops"
-    assert sorted(p.name for p in digits_cli_build.outdir.iterdir()) == [bundle.name]  # no leftovers
+    assert Path(report["chart"]) == bundle.with_suffix(".html")
+    assert "<svg" in Path(report["chart"]).read_text()
+    assert sorted(p.name for p in digits_cli_build.outdir.iterdir()) == sorted([bundle.name, Path(report["chart"]).name])  # no leftovers
 
 
 def test_build_json_figures_are_consistent(report):
