@@ -15,7 +15,9 @@ from rich.table import Table
 from edgeops.compiler.build import BuildRequest, build
 from edgeops.examples import train_digits_mlp
 
-PROFILES = ("rpi-zero2w", "x86-gateway-novnni")
+# Two boards that want different things: int8 on a 512 MB Pi with an older onnxruntime, fp16 on a
+# Jetson whose GPU runs half precision.
+PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
 
 
 def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
@@ -41,10 +43,12 @@ def comparison(reports: list[dict[str, Any]]) -> Table:
     for r in reports:
         table.add_column(r["profile"], overflow="fold")
     rows = {
+        "runtime": lambda r: f"{r['runtime']['name']} {r['runtime']['device_version']}",
         "compiled as": lambda r: r["chosen"],
         "model size": lambda r: f"{r['size_bytes'] / 1e3:.0f} kB ({r['size_bytes'] / r['fp32_size_bytes']:.0%} of fp32)",
         "download": lambda r: f"{r['bundle_bytes'] / 1e3:.0f} kB",
         "accuracy": lambda r: f"{r['quality']['fp32']:.3f} fp32 -> {r['quality']['compiled']:.3f}",
+        "peak memory": lambda r: f"{r['peak_memory_mb']['compiled']:.0f} MB",
         "latency": lambda r: f"{r['latency_ms']['fp32']:.3f} -> {r['latency_ms']['compiled']:.3f} ms",
         "bundle": lambda r: r["bundle"],
     }

@@ -61,9 +61,16 @@ def _measure(model_bytes: bytes, evaluation, metric, reference, threads: int) ->
         "size": len(model_bytes),
         "download": len(zlib.compress(model_bytes, 9)),
         "quality": quality.score(metric, reference, outputs, evaluation.labels),
-        "latency_ms": measure.latency_ms(sess, measure.first_sample(evaluation)),
-        "outputs": outputs,
+        "session": sess,
     }
+
+
+def _paired_latency(figures: list[dict], evaluation) -> None:
+    """Latency of all variants measured in alternation, so machine load affects them alike."""
+    measured = [f for f in figures if "session" in f]
+    times = measure.paired_latency_ms([f.pop("session") for f in measured], measure.first_sample(evaluation))
+    for f, ms in zip(measured, times):
+        f["latency_ms"] = ms
 
 
 def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
@@ -87,6 +94,7 @@ def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
     ours = _measure(bundle.model_bytes, evaluation, metric, reference, threads)
     ours["bundle"] = report["bundle_bytes"]
     ours["chosen"] = report["chosen"]
+    _paired_latency([fp32, plain, ours], evaluation)
     return {"model": name, "metric": metric.name, "fp32": fp32, "plain_ort": plain, "edgeops": ours}
 
 
@@ -122,8 +130,6 @@ def main() -> None:
             print(_row("fp32", fp32, fp32, None))
             print(_row("plain ORT", plain, fp32, None))
             print(_row("edgeops", ours, fp32, plain))
-            for r in (fp32, plain, ours):
-                r.pop("outputs", None)
             results.append(result)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -21,6 +21,9 @@ import onnxruntime as ort
 from edgeops.compiler.data import Dataset
 from edgeops.protocol.errors import EdgeopsError
 
+# onnxruntime's C++ warnings (e.g. from sessions inside its quantizer) would drown the build's output.
+ort.set_default_logger_severity(3)
+
 LATENCY_MIN_RUNS = 20
 LATENCY_MAX_RUNS = 2000
 LATENCY_BUDGET_S = 0.5
