@@ -114,3 +114,75 @@ def cli_error():
 # ======================================================================================================
 # END digits-MLP fixtures and CLI helpers
 # ======================================================================================================
+
+
+# ======================================================================================================
+# BEGIN real-model requirement helper
+# (used by test_compiler.py)
+#
+# Tests on real models need real parts: trained zoo models (torch, scikit-learn) and models shipped in
+# third-party packages (magika, silero-vad, rapidocr). Locally a missing part skips the test; under
+# CI=true it fails it, so a CI image that lost a package cannot turn the suite green by skipping.
+# ======================================================================================================
+
+import os
+import sys
+
+
+def require_real(make, *args, **kwargs):
+    """Call `make(*args, **kwargs)`; a missing real part skips locally and fails under CI=true."""
+    tests_dir = str(Path(__file__).parent)
+    if tests_dir not in sys.path:  # --import-mode=importlib does not put tests/ on sys.path
+        sys.path.insert(0, tests_dir)
+    import zoo_thirdparty
+
+    try:
+        return make(*args, **kwargs)
+    except (zoo_thirdparty.ModelUnavailable, ImportError) as exc:
+        reason = f"real model unavailable: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: a missing real model fails, it does not skip)", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def require():
+    """`require(make, *args)`: `make`'s result, or a skip (locally) / failure (CI=true) if it is unavailable."""
+    return require_real
+
+
+# ======================================================================================================
+# END real-model requirement helper
+# ======================================================================================================
+
+
+# ======================================================================================================
+# BEGIN agent A/B slot releases
+# (used by test_slots.py)
+#
+# Installs need real, distinct releases. Rather than a third build (~20 s), both derive from the
+# library build `digits_bundle` above: `.v1` is a byte copy of it, `.v2` the same members re-versioned
+# 1.1.0 through build_bundle. Tests must treat them as read-only: copy before tampering.
+# ======================================================================================================
+
+
+@pytest.fixture(scope="session")
+def slot_releases(digits_bundle, tmp_path_factory):
+    """Two releases of the digits MLP as bundle files: `.v1` (1.0.0, the real build) and `.v2` (1.1.0)."""
+    from edgeops.protocol.bundle import build_bundle, bundle_filename, read_bundle
+
+    outdir = tmp_path_factory.mktemp("slot-releases")
+    built = read_bundle(digits_bundle.path)
+    assert built.manifest["version"] == "1.0.0", "slot_releases assumes the build is version 1.0.0"
+    paths = []
+    for version, data in (("1.0.0", digits_bundle.path.read_bytes()),
+                          ("1.1.0", build_bundle(dict(built.manifest, version="1.1.0"), built.members))):
+        path = outdir / bundle_filename(built.manifest["name"], version, built.manifest["profile"])
+        path.write_bytes(data)
+        paths.append(path)
+    return SimpleNamespace(v1=paths[0], v2=paths[1])
+
+
+# ======================================================================================================
+# END agent A/B slot releases
+# ======================================================================================================

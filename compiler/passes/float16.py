@@ -19,6 +19,26 @@ class Float16:
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         try:
-            return convert_float_to_float16(model, keep_io_types=True)
+            converted = convert_float_to_float16(model, keep_io_types=True)
         except Exception as exc:  # the converter raises many types on unusual graphs
             raise PassError(f"fp16 conversion failed: {exc}") from None
+        return topologically_sorted(converted)
+
+
+def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter appends its input Casts at the end; ONNX requires producers before consumers."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        progress = [n for n in pending if all(name in ready for name in n.input)]
+        if not progress:
+            raise PassError("fp16 conversion left a graph with a cycle or a missing input")
+        for node in progress:
+            ready.update(node.output)
+            ordered.append(node)
+        placed = {id(n) for n in progress}
+        pending = [n for n in pending if id(n) not in placed]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model

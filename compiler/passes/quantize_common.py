@@ -50,6 +50,13 @@ def split_gemms(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def quantized_op_types(op_types: tuple[str, ...]) -> list[str] | None:
+    """Op types to hand the quantizer: Gemms reach it split into MatMul+Add, so MatMul stands in."""
+    if not op_types:
+        return None
+    return sorted(set(op_types) | ({"MatMul"} if "Gemm" in op_types else set()))
+
+
 def quantizer_input(model: onnx.ModelProto, workdir: Path) -> str:
     """Save the model for the quantizer (which mutates a ModelProto it is given), with shapes inferred.
 

@@ -13,7 +13,7 @@ from onnxruntime.quantization import quantize_dynamic
 
 from edgeops.compiler.model import opset_of
 from edgeops.compiler.passes import PassContext, PassError
-from edgeops.compiler.passes.quantize_common import QUANT_TYPES, check_quantized, quiet_quantizer, quantizer_input
+from edgeops.compiler.passes.quantize_common import quantized_op_types, QUANT_TYPES, check_quantized, quiet_quantizer, quantizer_input
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DynamicQuantize:
                 quantize_dynamic(
                     quantizer_input(model, ctx.workdir),
                     str(out),
-                    op_types_to_quantize=list(self.op_types) or None,
+                    op_types_to_quantize=quantized_op_types(self.op_types),
                     per_channel=self.per_channel and opset_of(model) >= 13,
                     reduce_range=ctx.profile.quantization.reduce_range,
                     weight_type=QUANT_TYPES[ctx.profile.quantization.weight_type],

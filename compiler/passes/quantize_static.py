@@ -18,7 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from edgeops.compiler.data import Dataset
 from edgeops.compiler.model import opset_of
 from edgeops.compiler.passes import PassContext, PassError
-from edgeops.compiler.passes.quantize_common import ORT_EXTRA_OPTIONS, QUANT_TYPES, check_quantized, quiet_quantizer, quantizer_input
+from edgeops.compiler.passes.quantize_common import quantized_op_types, ORT_EXTRA_OPTIONS, QUANT_TYPES, check_quantized, quiet_quantizer, quantizer_input
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 HISTOGRAM_SAMPLES = 128
@@ -55,7 +55,7 @@ class StaticQuantize:
                     str(out),
                     _Reader(ctx.calib, limit),
                     quant_format=QuantFormat.QDQ if q.format == "qdq" else QuantFormat.QOperator,
-                    op_types_to_quantize=list(self.op_types) or None,
+                    op_types_to_quantize=quantized_op_types(self.op_types),
                     per_channel=self.per_channel and opset_of(model) >= 13,
                     reduce_range=self.reduce_range,
                     activation_type=QUANT_TYPES[q.activation_type],
