@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeops.agent import runtime
-from edgeops.protocol.bundle import atomic_write, bundle_filename, read_bundle, sha256_file
+from edgeops.protocol.bundle import atomic_write, bundle_filename, fsync_dir, read_bundle, sha256_file
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,6 @@ class ActiveModel:
         return bundle_filename(self.manifest["name"], self.manifest["version"], self.manifest["profile"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_write(path: Path, data: bytes) -> None:
-    """Atomic replace that survives a power cut: the file and the rename are both on disk on return."""
-    atomic_write(path, data)
-    _fsync_dir(path.parent)
-
-
 class SlotStore:
     def __init__(self, state_dir: str | Path):
         self.root = Path(state_dir)
@@ -134,7 +120,7 @@ class SlotStore:
             self._enter(slot, step, on_step)
             bundle = read_bundle(staged)
             model_file = slot_dir / bundle.manifest["model"]["file"]
-            _durable_write(model_file, bundle.model_bytes)
+            atomic_write(model_file, bundle.model_bytes)
             model = runtime.load(bundle.model_bytes, bundle.manifest)
             failpoint(f"after:{step}")
 
@@ -150,7 +136,7 @@ class SlotStore:
                 raise EdgeopsError(f"the staged bundle {staged} changed since it was verified; not switching")
             if sha256_file(model_file) != bundle.manifest["files"][model_file.name]["sha256"]:
                 raise EdgeopsError(f"the extracted model {model_file} changed since it was verified; not switching")
-            _durable_write(self.root / POINTER, f"{slot}\n".encode())
+            atomic_write(self.root / POINTER, f"{slot}\n".encode())
             failpoint(f"after:{step}")
         except BaseException as exc:
             self._converge(slot)
@@ -179,7 +165,7 @@ class SlotStore:
             # let the next install restore service.
             log.error("the active slot is unusable, no model is active until the next install: %s", exc)
             (self.root / POINTER).unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._active, self._known = None, True
             return None
 
@@ -216,7 +202,7 @@ class SlotStore:
         return journal if isinstance(journal, dict) else {}
 
     def _enter(self, slot: str, step: str, on_step: Callable[[str], None] | None) -> None:
-        _durable_write(self.root / JOURNAL, json.dumps({"slot": slot, "step": step}).encode())
+        atomic_write(self.root / JOURNAL, json.dumps({"slot": slot, "step": step}).encode())
         if on_step is not None:
             on_step(step)
         failpoint(f"before:{step}")
@@ -226,7 +212,7 @@ class SlotStore:
         if slot_dir.exists():
             shutil.rmtree(slot_dir)
         slot_dir.mkdir(parents=True)
-        _fsync_dir(slot_dir.parent)
+        fsync_dir(slot_dir.parent)
         digest = hashlib.sha256()
         with open(source, "rb") as src, open(slot_dir / BUNDLE, "xb") as dst:
             for block in iter(lambda: src.read(1 << 20), b""):
@@ -234,7 +220,7 @@ class SlotStore:
                 dst.write(block)
             dst.flush()
             os.fsync(dst.fileno())
-        _fsync_dir(slot_dir)
+        fsync_dir(slot_dir)
         return digest.hexdigest()
 
     def _converge(self, slot: str | None) -> None:
@@ -246,10 +232,10 @@ class SlotStore:
         for candidate in SLOTS:
             if candidate != pointer and slot in (None, candidate) and self._slot_dir(candidate).exists():
                 shutil.rmtree(self._slot_dir(candidate))
-                _fsync_dir(self._slot_dir(candidate).parent)
+                fsync_dir(self._slot_dir(candidate).parent)
         self._clear_journal()
         self._known = False
 
     def _clear_journal(self) -> None:
         (self.root / JOURNAL).unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)

@@ -80,8 +80,18 @@ def canonical_json(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable: without it a power cut can undo the rename."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    """Write via a temporary file in the same folder and rename, so readers never see half a file,
+    and fsync file and folder, so after a power cut the file is either the old one or the new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -93,6 +103,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def bundle_filename(name: str, version: str, profile: str) -> str:
@@ -193,6 +204,7 @@ def read_bundle(path: str | Path) -> Bundle:
         extra = set(names) - set(members) - {MANIFEST}
         if extra:
             raise _refuse(path, f"members not covered by the manifest: {', '.join(sorted(extra))}")
+        _check_complete(path, manifest)
     return Bundle(path=path, manifest=manifest, members=members)
 
 
@@ -216,3 +228,15 @@ def _check_manifest(path: Path, manifest: Any) -> None:
             raise _refuse(path, f"manifest lists unexpected member {name!r}")
     if model["file"] not in files:
         raise _refuse(path, f"manifest does not cover the model file {model['file']}")
+
+
+def _check_complete(path: Path, manifest: dict[str, Any]) -> None:
+    """After the members verified: everything a device needs is there and the manifest agrees with itself."""
+    files, model = manifest["files"], manifest["model"]
+    for required in ("reference.json", "selftest.npz"):
+        if required not in files:
+            raise _refuse(path, f"manifest does not cover {required}")
+    if files[model["file"]] != {"sha256": model.get("sha256"), "size": model.get("size")}:
+        raise _refuse(path, "manifest's model hash or size disagrees with its file list")
+    if not isinstance(manifest.get("selftest"), dict):
+        raise _refuse(path, "manifest has no selftest section")

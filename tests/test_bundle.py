@@ -51,6 +51,7 @@ def small_bundle_parts() -> tuple[dict, dict[str, bytes]]:
         "model": {"file": "model.onnx", "sha256": sha256(b"not really onnx"), "size": 15},
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 4]}],
         "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}],
+        "selftest": {"file": "selftest.npz", "samples": 2, "batch": None, "whole_inputs": [], "tolerance": {}},
     }
     members = {
         "model.onnx": b"not really onnx",
