@@ -209,6 +209,159 @@ def demo(workdir: Path, as_json: bool) -> None:
         _echo_json(results)
 
 
+@cli.group()
+def fleet() -> None:
+    """The fleet server: registry, signing, delivery over MQTT.
+
+    \b
+    Examples:
+      edgeops fleet init ./fleet
+      edgeops fleet serve ./fleet
+      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883
+    """
+
+
+@fleet.command("init")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker the fleet and its devices use.")
+def fleet_init(directory: Path, broker: str) -> None:
+    """Create a fleet: registry database, signing keys and TUF metadata.
+
+    \b
+    Example:
+      edgeops fleet init ./fleet
+    """
+    from edgeops.fleet.home import init_fleet
+
+    init_fleet(directory, broker)
+    click.echo(f"fleet created in {directory}. Next steps:")
+    click.echo(f"  edgeops fleet serve {directory}")
+    click.echo(f"  edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet {directory} -o ./pi-001")
+    click.echo(f"  edgeops push model-1.0.0-rpi4.edgeops --fleet {directory}")
+    click.echo(f"Keep {directory}/repo/keys/root.pem offline once devices are enrolled.")
+
+
+@fleet.command("serve")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--broker", help="External broker (mqtt://HOST:PORT); default: start the embedded one.")
+def fleet_serve(directory: Path, broker: str | None) -> None:
+    """Deliver releases to devices and collect their state, until interrupted.
+
+    \b
+    Examples:
+      edgeops fleet serve ./fleet
+      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883
+    """
+    from edgeops.fleet.server import serve
+
+    serve(directory, broker)
+
+
+@cli.group()
+def device() -> None:
+    """Devices of a fleet.
+
+    \b
+    Example:
+      edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet ./fleet -o ./pi-001
+    """
+
+
+@device.command("enroll")
+@click.argument("device_id")
+@click.option("--profile", "-p", required=True, help="The device's hardware profile.")
+@click.option("--label", "labels", multiple=True, help="key=value, repeatable; releases select devices by label.")
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Device directory to write.")
+def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_dir: Path, out: Path) -> None:
+    """Register a device and write its configuration and pinned root of trust.
+
+    \b
+    Example:
+      edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet ./fleet -o ./pi-001
+    """
+    from edgeops.fleet.home import FleetHome, enroll_device
+    from edgeops.fleet.registry import parse_labels
+
+    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out)
+    click.echo(f"enrolled {device_id}; on the device run: edgeops agent run {out}")
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--key", type=click.Path(path_type=Path), help="Targets signing key (PEM), if kept outside the fleet.")
+@click.option("--select", "selector", multiple=True, help="key=value: only devices with these labels.")
+@click.option("--json", "as_json", is_flag=True, help="Print the release as JSON.")
+def push(bundles: tuple[Path, ...], fleet_dir: Path, key: Path | None, selector: tuple[str, ...], as_json: bool) -> None:
+    """Sign bundles of one model version and release them to the matching devices.
+
+    Each device gets the bundle built for its profile.
+
+    \b
+    Examples:
+      edgeops push dist/digits-1.1.0-rpi4.edgeops dist/digits-1.1.0-x86-vnni.edgeops --fleet ./fleet
+      edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet ./fleet --select site=lab --key ~/offline/targets.pem
+    """
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.home import push as push_release
+    from edgeops.fleet.registry import parse_labels
+
+    release = push_release(FleetHome.open(fleet_dir), list(bundles), parse_labels(selector), key)
+    if as_json:
+        _echo_json({"release": release})
+    else:
+        click.echo(f"release {release} pushed")
+
+
+@cli.command()
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(fleet_dir: Path, as_json: bool) -> None:
+    """Devices and releases of a fleet.
+
+    \b
+    Examples:
+      edgeops status --fleet ./fleet
+      edgeops status --fleet ./fleet --json
+    """
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.registry import open_db
+    from edgeops.fleet.registry import status as fleet_status
+
+    data = fleet_status(open_db(FleetHome.open(fleet_dir).db_path))
+    if as_json:
+        _echo_json(data)
+        return
+    from edgeops.fleet.views import render_status
+
+    render_status(data, _stdout_console())
+
+
+@cli.group()
+def agent() -> None:
+    """The device side.
+
+    \b
+    Example:
+      edgeops agent run ./pi-001
+    """
+
+
+@agent.command("run")
+@click.argument("device_dir", type=click.Path(path_type=Path))
+def agent_run(device_dir: Path) -> None:
+    """Follow the fleet: verify, install and serve the desired release, until interrupted.
+
+    \b
+    Example:
+      edgeops agent run ./pi-001
+    """
+    from edgeops.agent.service import run_agent
+
+    run_agent(device_dir)
+
+
 def _stdout_console():
     """Rich console for stdout: 80 columns squeeze the report when piped, so use 120 there."""
     from rich.console import Console

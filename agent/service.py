@@ -1,0 +1,154 @@
+"""`edgeops agent run DEVICE_DIR`: follow the fleet's desired release, install it safely, report.
+
+For each desired release: refresh signed metadata → download the target (resumable) → verify it
+against the metadata → install through the A/B slots (write, load, self-test, switch) → report.
+Every outcome is reported on the device's retained `state` topic with the execution state and
+reason. Invariants:
+- nothing is installed unless the trust store verified it for this device's profile;
+- any failure leaves the previous model active and serving;
+- a release that was rejected or failed is not retried until the fleet names a different one,
+  while transient faults (fleet or broker unreachable) are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeops.agent.slots import SlotStore
+from edgeops.agent.transport import FetchError, Link
+from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
+from edgeops.protocol.errors import EdgeopsError
+
+log = logging.getLogger(__name__)
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+RETRY_S = (1, 2, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    path: Path
+    id: str
+    profile: str
+    broker: str
+    labels: dict[str, str]
+
+    @classmethod
+    def load(cls, device_dir: str | Path) -> "DeviceConfig":
+        path = Path(device_dir)
+        try:
+            data = json.loads((path / "device.json").read_text())
+            return cls(path, data["id"], data["profile"], data["broker"], data.get("labels", {}))
+        except FileNotFoundError:
+            raise EdgeopsError(f"{path} has no device.json; create it with `edgeops device enroll`") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgeopsError(f"{path / 'device.json'} is malformed ({exc}); enroll the device again") from None
+
+
+class Agent:
+    def __init__(self, device_dir: str | Path):
+        self.config = DeviceConfig.load(device_dir)
+        state = self.config.path / "state"
+        self.trust = TrustStore(state / "trust")
+        if not self.trust.has_root():
+            self.trust.pin_root((self.config.path / "root.json").read_bytes())
+        self.slots = SlotStore(state)
+        self.slots.recover()
+        self.downloads = state / "downloads"
+        self._desired: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._settled: set[tuple[Any, str]] = set()
+        self.link = Link(self.config.id, self.config.broker, self._desired.put)
+
+    def installed(self) -> dict[str, Any] | None:
+        active = self.slots.active()
+        if active is None:
+            return None
+        m = active.manifest
+        return {"model": m["name"], "version": m["version"], "target": active.target, "slot": active.slot}
+
+    def report(self, release: Any = None, state: str | None = None, reason: str = "") -> None:
+        execution = {"release": release, "state": state, "reason": reason} if state else None
+        self.link.report({"online": True, "profile": self.config.profile, "installed": self.installed(),
+                          "execution": execution})
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set: connect, report, and apply each desired release in turn."""
+        self.link.start()
+        self.link.connected.wait(timeout=30)
+        self.report()
+        desired, attempt = None, 0
+        while not stop.is_set():
+            try:
+                desired = self._desired.get(timeout=0.5)
+                while not self._desired.empty():  # only the newest matters
+                    desired = self._desired.get_nowait()
+                attempt = 0
+            except queue.Empty:
+                if desired is None:
+                    continue
+            if self.apply(desired):
+                desired = None
+            else:  # transient: back off, then retry the same release
+                stop.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+                attempt += 1
+        self.link.stop()
+
+    def apply(self, desired: dict[str, Any]) -> bool:
+        """Move towards `desired`; True when settled (installed, refused or nothing to do), False to retry."""
+        release, target = desired.get("release_id"), desired.get("target")
+        installed = self.installed()
+        if release is None or not isinstance(target, str) or (installed and installed["target"] == target):
+            return True
+        if (release, target) in self._settled:
+            return True
+        part = None
+        try:
+            self.report(release, "downloading")
+            self.trust.refresh(lambda path: self.link.fetch(path, MAX_METADATA_BYTES))
+            info = self.trust.target_info(target)
+            part = self.downloads / f"{info.sha256}.part"
+            self.link.download(f"targets/{info.sha256}.{target}", part, info.length)
+            self.report(release, "verifying")
+            self.trust.verify_target(target, part.read_bytes(), self.config.profile,
+                                     installed["version"] if installed else None)
+            self.report(release, "installing")
+            self.slots.install(part, expected_sha256=info.sha256,
+                               on_step=lambda step: self.report(release, step) if step == "self-test" else None)
+        except ExpiredMetadata as exc:
+            log.warning("not updating: %s", exc)
+            self.report(release, "rejected", f"expired: {exc}")
+            return False  # the fleet may refresh its metadata; keep serving and retry later
+        except TrustError as exc:
+            self._settle(release, target, part)
+            self.report(release, "rejected", f"{exc.reason}: {exc}")
+            return True
+        except FetchError as exc:
+            log.warning("download of %s interrupted: %s", target, exc)
+            return False
+        except EdgeopsError as exc:
+            self._settle(release, target, part)
+            self.report(release, "failed", str(exc))
+            return True
+        part.unlink(missing_ok=True)
+        self.report(release, "active")
+        return True
+
+    def _settle(self, release: Any, target: str, part: Path | None) -> None:
+        self._settled.add((release, target))
+        if part is not None:
+            part.unlink(missing_ok=True)
+
+
+def run_agent(device_dir: str | Path) -> None:
+    """Run until interrupted (SIGINT/SIGTERM)."""
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Agent(device_dir).run(stop)

@@ -1,0 +1,113 @@
+"""The fleet's home directory and the operator's actions on it: init, enroll, push.
+
+Layout:
+    fleet.json     settings: broker URL, metadata lifetimes
+    registry.db    devices, releases, executions (edgeops.fleet.registry)
+    repo/          the TUF repository: metadata/, targets/, keys/ (edgeops.fleet.trust)
+
+Invariant: a release exists in the registry only after its bundles are signed into the repository,
+so a device never hears of a release it cannot fetch and verify.
+"""
+
+from __future__ import annotations
+
+import json
+import contextlib
+import fcntl
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgeops.fleet import registry, trust
+from edgeops.protocol import bundle as bundlemod
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.profiles import load_profile
+
+CONFIG = "fleet.json"
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_LIFETIMES = {"root": 365 * 86400, "targets": 90 * 86400, "snapshot": 7 * 86400, "timestamp": 86400}
+
+
+@dataclass(frozen=True)
+class FleetHome:
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / "registry.db"
+
+    @property
+    def repo(self) -> Path:
+        return self.path / "repo"
+
+    @contextlib.contextmanager
+    def repo_lock(self) -> Iterator[None]:
+        """Serialize repository writes: `edgeops push` and the server's metadata refresh both sign."""
+        with open(self.path / ".repo.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def expiry(self) -> trust.Expiry:
+        seconds = self.config["lifetimes"]
+        return trust.Expiry(**{role: timedelta(seconds=seconds[role]) for role in DEFAULT_LIFETIMES})
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FleetHome":
+        path = Path(path)
+        try:
+            config = json.loads((path / CONFIG).read_text())
+        except FileNotFoundError:
+            raise EdgeopsError(f"{path} is not a fleet directory (no {CONFIG}); create one with `edgeops fleet init {path}`") from None
+        except ValueError as exc:
+            raise EdgeopsError(f"{path / CONFIG} is not valid JSON: {exc}") from None
+        return cls(path, config)
+
+
+def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[str, int] | None = None) -> FleetHome:
+    """Create the fleet directory: registry, TUF repository with fresh keys, settings."""
+    path = Path(path)
+    if (path / CONFIG).exists():
+        raise EdgeopsError(f"{path} already holds a fleet; pick an empty directory")
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"broker": broker, "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})}}
+    home = FleetHome(path, config)
+    trust.init_repository(home.repo, home.expiry())
+    registry.open_db(home.db_path).conn.close()
+    bundlemod.atomic_write(path / CONFIG, bundlemod.canonical_json(config))
+    return home
+
+
+def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[str, str], out: Path) -> Path:
+    """Register a device and write what its agent needs: settings and the pinned root metadata."""
+    load_profile(profile)  # an unknown profile fails here, not on the device
+    out = Path(out)
+    if (out / "device.json").exists():
+        raise EdgeopsError(f"{out} already holds a device configuration")
+    db = registry.open_db(home.db_path)
+    registry.enroll(db, device_id, profile, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    bundlemod.atomic_write(out / "root.json", trust.read_metadata(home.repo, "root.json"))
+    device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.config["broker"]}
+    bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device))
+    return out
+
+
+def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], targets_key: Path | None = None) -> int:
+    """Sign the bundles of one model version into the repository and register them as a release."""
+    if not bundle_paths:
+        raise EdgeopsError("give at least one bundle to push")
+    bundles = [bundlemod.read_bundle(p) for p in bundle_paths]
+    identities = {(b.manifest["name"], b.manifest["version"]) for b in bundles}
+    if len(identities) != 1:
+        raise EdgeopsError(f"one release is one model version; these bundles are {sorted(identities)}")
+    model, version = identities.pop()
+    targets = []
+    with home.repo_lock():
+        for b in bundles:
+            custom = {"model": model, "version": version, "profile": b.manifest["profile"]}
+            target = trust.add_target(home.repo, b.path.name, b.path, custom, targets_key, home.expiry())
+            targets.append({"profile": b.manifest["profile"], "target": b.path.name,
+                            "sha256": target.hashes["sha256"], "length": target.length})
+    return registry.create_release(registry.open_db(home.db_path), model, version, selector, targets)

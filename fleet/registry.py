@@ -1,0 +1,153 @@
+"""The fleet's registry: devices, releases and per-device executions, in SQLite via sqlite-utils.
+
+Invariants: the database is the only fleet state besides the TUF repository; every write is one
+transaction; execution rows only move between the states in `edgeops.protocol.wire.STATES`; a
+device's desired release is derived (newest release whose selector matches the device's labels and
+that has a bundle for its profile), never stored, so enrolling later or relabelling needs no fix-up.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.wire import DEVICE_ID, STATES
+
+
+def open_db(path: str | Path) -> sqlite_utils.Database:
+    """Open (creating if needed) the registry: WAL for concurrent readers, FULL sync so a power cut loses nothing.
+
+    The connection may be used from several threads; callers serialize access (the server holds a lock).
+    """
+    db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db["devices"].create(
+        {"id": str, "profile": str, "labels": str, "enrolled_at": float, "last_seen": float, "online": int,
+         "installed_model": str, "installed_version": str, "installed_target": str, "slot": str},
+        pk="id", if_not_exists=True, not_null={"profile", "labels"},
+    )
+    db["releases"].create(
+        {"id": int, "model": str, "version": str, "selector": str, "created_at": float},
+        pk="id", if_not_exists=True,
+    )
+    db["release_targets"].create(
+        {"release_id": int, "profile": str, "target": str, "sha256": str, "length": int},
+        pk=("release_id", "profile"), foreign_keys=[("release_id", "releases", "id")], if_not_exists=True,
+    )
+    db["executions"].create(
+        {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
+        pk=("device", "release_id"), if_not_exists=True,
+    )
+    return db
+
+
+def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict[str, str]) -> None:
+    if not DEVICE_ID.match(device_id):
+        raise EdgeopsError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if db["devices"].count_where("id = ?", [device_id]):
+        raise EdgeopsError(f"device {device_id} is already enrolled")
+    db["devices"].insert({"id": device_id, "profile": profile, "labels": json.dumps(labels, sort_keys=True),
+                          "enrolled_at": time.time(), "online": 0})
+
+
+def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`k=v` strings (from --label/--select) as a dict; EdgeopsError for anything else."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EdgeopsError(f"label {pair!r} must look like key=value")
+        labels[key] = value
+    return labels
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def create_release(db: sqlite_utils.Database, model: str, version: str, selector: dict[str, str],
+                   targets: list[dict[str, Any]]) -> int:
+    """Register a release: one bundle (target) per profile."""
+    profiles = [t["profile"] for t in targets]
+    if len(set(profiles)) != len(profiles):
+        raise EdgeopsError(f"a release holds one bundle per profile; got {sorted(profiles)}")
+    with db.conn:
+        release_id = db["releases"].insert({"model": model, "version": version, "selector": json.dumps(selector, sort_keys=True),
+                                            "created_at": time.time()}).last_pk
+        db["release_targets"].insert_all([{"release_id": release_id, **t} for t in targets])
+    return release_id
+
+
+def device(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
+    rows = list(db["devices"].rows_where("id = ?", [device_id]))
+    return _device_row(rows[0]) if rows else None
+
+
+def _device_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "labels": json.loads(row["labels"]), "online": bool(row["online"])}
+
+
+def desired(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
+    """The release this device should run: the newest matching one with a bundle for its profile."""
+    dev = device(db, device_id)
+    if dev is None:
+        return None
+    rows = db.query(
+        "select r.id as release_id, r.model, r.version, r.selector, t.target, t.sha256, t.length "
+        "from releases r join release_targets t on t.release_id = r.id where t.profile = ? order by r.id desc",
+        [dev["profile"]],
+    )
+    for row in rows:
+        if matches(json.loads(row.pop("selector")), dev["labels"]):
+            return row
+    return None
+
+
+def record_state(db: sqlite_utils.Database, device_id: str, state: dict[str, Any]) -> None:
+    """Store what a device reported about itself (the `state` message)."""
+    if device(db, device_id) is None:
+        return  # not enrolled: the broker ACL should have stopped it; ignore
+    now = time.time()
+    installed = state.get("installed") or {}
+    with db.conn:
+        db["devices"].update(device_id, {
+            "last_seen": now,
+            "online": int(bool(state.get("online", True))),
+            "installed_model": installed.get("model"),
+            "installed_version": installed.get("version"),
+            "installed_target": installed.get("target"),
+            "slot": installed.get("slot"),
+        })
+        execution = state.get("execution")
+        if isinstance(execution, dict) and execution.get("state") in STATES and isinstance(execution.get("release"), int):
+            db["executions"].upsert({"device": device_id, "release_id": execution["release"], "state": execution["state"],
+                                     "reason": str(execution.get("reason") or "")[:500], "updated_at": now},
+                                    pk=("device", "release_id"))
+
+
+def mark_offline(db: sqlite_utils.Database, device_id: str) -> None:
+    if device(db, device_id) is not None:
+        db["devices"].update(device_id, {"online": 0, "last_seen": time.time()})
+
+
+def status(db: sqlite_utils.Database) -> dict[str, Any]:
+    """Devices with their latest execution, and releases: what `edgeops status` shows."""
+    devices = []
+    for row in db["devices"].rows_where(order_by="id"):
+        dev = _device_row(row)
+        latest = list(db["executions"].rows_where("device = ?", [dev["id"]], order_by="release_id desc", limit=1))
+        dev["execution"] = latest[0] if latest else None
+        devices.append(dev)
+    releases = []
+    for row in db["releases"].rows_where(order_by="id"):
+        row["selector"] = json.loads(row["selector"])
+        row["targets"] = list(db["release_targets"].rows_where("release_id = ?", [row["id"]], order_by="profile"))
+        releases.append(row)
+    return {"devices": devices, "releases": releases}

@@ -1,0 +1,143 @@
+"""`edgeops fleet serve`: the fleet's MQTT side — desired releases out, fetches answered, states in.
+
+Invariants:
+- Every device's retained `desired` message equals `registry.desired()` for it; it is republished
+  whenever that changes (a push, an enrollment), so a device that connects later still gets it.
+- Fetches are answered only for TUF metadata and content-addressed targets of the repository
+  (`wire.FETCH_PATH`); the device verifies everything it receives, so the fleet need not be trusted
+  for integrity, only for availability.
+- A malformed message is logged and dropped; no message can stop the server.
+- Online TUF metadata (snapshot, timestamp) is re-signed before it expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edgeops.fleet import registry, trust
+from edgeops.fleet.home import FleetHome
+from edgeops.protocol import mqtt as mqttlib
+from edgeops.protocol import wire
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class FleetServer:
+    home: FleetHome
+    broker_url: str
+
+    def __post_init__(self) -> None:
+        self.db = registry.open_db(self.home.db_path)
+        self._db_lock = threading.Lock()
+        self._published: dict[str, bytes] = {}
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.client = mqttlib.client("edgeops-fleet", self.broker_url)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def start(self) -> "FleetServer":
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._loop, name="edgeops-fleet", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the fleet: %s", reason_code)
+            return
+        client.subscribe([(f"{wire.PREFIX}/+/fetch", 1), (f"{wire.PREFIX}/+/state", 1)])
+        self._published.clear()  # republish every desired message after a (re)connect
+        self.connected.set()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        try:
+            device_id, leaf = wire.parse_topic(message.topic)
+            if leaf == "fetch":
+                self._answer_fetch(device_id, message.payload)
+            elif leaf == "state":
+                state = wire.decode(message.payload, {"device": str})
+                with self._db_lock:
+                    if state.get("online") is False:
+                        registry.mark_offline(self.db, device_id)
+                    else:
+                        registry.record_state(self.db, device_id, state)
+        except wire.WireError as exc:
+            log.warning("dropped message on %s: %s", message.topic, exc)
+        except Exception:  # a bug must not take the server down; it is logged with its traceback
+            log.exception("error handling message on %s", message.topic)
+
+    def _answer_fetch(self, device_id: str, payload: bytes) -> None:
+        request = wire.parse_fetch_request(payload)
+        reply_topic = wire.topic(device_id, "blocks")
+        path = self.home.repo / request["path"]
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.client.publish(reply_topic, wire.error_reply(request["req"], request["path"], "not found"), qos=1)
+            return
+        offset = min(request["offset"], len(data))
+        block = data[offset : offset + request["length"]]
+        self.client.publish(reply_topic, wire.block_reply(request["req"], request["path"], offset, len(data), block), qos=1)
+
+    def publish_desired(self) -> None:
+        """Publish each device's desired release (retained) where it changed since last published."""
+        with self._db_lock:
+            devices = [row["id"] for row in self.db["devices"].rows]
+            wanted = {d: registry.desired(self.db, d) for d in devices}
+        for device_id, release in wanted.items():
+            payload = wire.encode(release or {"release_id": None})
+            if self._published.get(device_id) != payload:
+                self.client.publish(wire.topic(device_id, "desired"), payload, qos=1, retain=True)
+                self._published[device_id] = payload
+
+    def _loop(self) -> None:
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            if self.connected.is_set():
+                try:
+                    self.publish_desired()
+                    if time.time() >= next_refresh:
+                        with self.home.repo_lock():
+                            trust.refresh_online(self.home.repo, self.home.expiry())
+                        next_refresh = time.time() + self.home.expiry().timestamp.total_seconds() / 2
+                except Exception:  # keep serving; the next round retries
+                    log.exception("fleet loop error")
+            self._stop.wait(POLL_SECONDS)
+
+
+def serve(home_dir: Path, broker_url: str | None) -> None:
+    """Run until interrupted: the embedded broker unless `broker_url` is given, and the fleet server."""
+    from edgeops.fleet.broker import EmbeddedBroker
+
+    home = FleetHome.open(home_dir)
+    broker = None
+    if broker_url is None:
+        address = mqttlib.BrokerAddress.parse(home.config["broker"])
+        broker = EmbeddedBroker(address.host, address.port).start()
+        broker_url = broker.url
+    server = FleetServer(home, broker_url).start()
+    log.warning("fleet serving %s on %s", home_dir, broker_url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,38 @@
+"""`edgeops status` on the terminal: devices and releases as rich tables."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _ago(timestamp: float | None) -> str:
+    if not timestamp:
+        return "never"
+    seconds = max(0, time.time() - timestamp)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def render_status(data: dict[str, Any], console: Console) -> None:
+    devices = Table(title="devices")
+    for column in ("device", "profile", "labels", "installed", "execution", "last seen", "online"):
+        devices.add_column(column)
+    for d in data["devices"]:
+        execution = d["execution"]
+        state = f"release {execution['release_id']}: {execution['state']}" if execution else "-"
+        if execution and execution["reason"]:
+            state += f" ({execution['reason']})"
+        installed = f"{d['installed_model']} {d['installed_version']}" if d["installed_version"] else "-"
+        labels = ",".join(f"{k}={v}" for k, v in d["labels"].items())
+        devices.add_row(d["id"], d["profile"], labels, installed, state, _ago(d["last_seen"]), "yes" if d["online"] else "no")
+    console.print(devices)
+    releases = Table(title="releases")
+    for column in ("id", "model", "version", "selector", "bundles"):
+        releases.add_column(column)
+    for r in data["releases"]:
+        selector = ",".join(f"{k}={v}" for k, v in r["selector"].items()) or "all"
+        releases.add_row(str(r["id"]), r["model"], r["version"], selector, ", ".join(t["profile"] for t in r["targets"]))
+    console.print(releases)
