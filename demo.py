@@ -1,23 +1,36 @@
 """`edgeops demo`: the product end to end on its embedded defaults, with nothing to set up.
 
-Today that is the compiler's half: train a real model (an MLP on scikit-learn's bundled digits),
-build it for two boards whose profiles differ, and compare what each got.
+Train a real model (an MLP on scikit-learn's bundled digits), build it for two boards whose
+profiles differ and compare what each got; then start the embedded broker and a fleet, enroll
+simulated agents on both profiles, push the release, and show every agent verify and install the
+bundle built for its own board.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from edgeops.agent.service import Agent
 from edgeops.compiler.build import BuildRequest, build
 from edgeops.examples import train_digits_mlp
+from edgeops.fleet import registry
+from edgeops.fleet.broker import EmbeddedBroker
+from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.server import FleetServer
+from edgeops.fleet.views import render_status
 
 # Two boards that want different things: int8 on a 512 MB Pi with an older onnxruntime, fp16 on a
 # Jetson whose GPU runs half precision.
 PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
+AGENTS_PER_PROFILE = 3
+DELIVERY_TIMEOUT_S = 120
 
 
 def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
@@ -33,7 +46,48 @@ def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
                                    outdir=workdir / "bundles")
             reports.append(build(request, progress=lambda message, p=profile: status.update(f"{p}: {message}")))
     console.print(comparison(reports))
+    status = deliver(workdir, [Path(r["bundle"]) for r in reports], console)
+    render_status(status, console)
     return reports
+
+
+def deliver(workdir: Path, bundles: list[Path], console: Console) -> dict[str, Any]:
+    """Fleet + embedded broker + simulated agents in this process; push and wait until all are active."""
+    broker = EmbeddedBroker("127.0.0.1", _free_port()).start()
+    home = init_fleet(workdir / "fleet", broker.url)
+    devices = {f"{profile}-{n}": profile for profile in PROFILES for n in range(1, AGENTS_PER_PROFILE + 1)}
+    for device_id, profile in devices.items():
+        enroll_device(home, device_id, profile, {"site": "demo"}, workdir / "devices" / device_id)
+    server = FleetServer(home, broker.url).start()
+    stop = threading.Event()
+    agents = [Agent(workdir / "devices" / device_id) for device_id in devices]
+    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
+    for thread in threads:
+        thread.start()
+    try:
+        db = registry.open_db(home.db_path)
+        with console.status("pushing the release to the fleet") as progress:
+            release = push(home, bundles, {"site": "demo"})
+            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+            while time.monotonic() < deadline:
+                active = db["executions"].count_where("release_id = ? and state = 'active'", [release])
+                progress.update(f"release {release}: {active}/{len(agents)} agents verified and installed it")
+                if active == len(agents):
+                    break
+                time.sleep(0.2)
+        return registry.status(db)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        server.stop()
+        broker.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def comparison(reports: list[dict[str, Any]]) -> Table:

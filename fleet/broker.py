@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
-import time
 
 from edgeops.protocol.errors import EdgeopsError
 
@@ -25,6 +23,7 @@ class EmbeddedBroker:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="edgeops-broker", daemon=True)
         self._error: BaseException | None = None
+        self._started = threading.Event()  # set once listening, or once starting failed
 
     @property
     def url(self) -> str:
@@ -32,16 +31,11 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._error is not None:
-                raise EdgeopsError(f"embedded broker failed to start on {self.host}:{self.port}: {self._error}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise EdgeopsError(f"embedded broker did not start listening on {self.host}:{self.port}")
+        if not self._started.wait(timeout):
+            raise EdgeopsError(f"embedded broker did not start listening on {self.host}:{self.port}")
+        if self._error is not None:
+            raise EdgeopsError(f"embedded broker failed to start on {self.host}:{self.port}: {self._error}")
+        return self
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -59,6 +53,7 @@ class EmbeddedBroker:
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
             })
             await broker.start()
+            self._started.set()
             await self._stop.wait()
             await broker.shutdown()
 
@@ -67,3 +62,5 @@ class EmbeddedBroker:
         except BaseException as exc:  # reported to start() or logged: the thread must not die silently
             self._error = exc
             log.error("embedded broker stopped: %s", exc)
+        finally:
+            self._started.set()

@@ -18,7 +18,8 @@ def _ago(timestamp: float | None) -> str:
 
 def render_status(data: dict[str, Any], console: Console) -> None:
     devices = Table(title="devices")
-    for column in ("device", "profile", "labels", "installed", "execution", "last seen", "online"):
+    devices.add_column("device", no_wrap=True)
+    for column in ("profile", "labels", "installed", "execution", "last seen", "online"):
         devices.add_column(column)
     for d in data["devices"]:
         execution = d["execution"]

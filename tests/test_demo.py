@@ -1,0 +1,24 @@
+"""The README's first command: `edgeops demo` trains, builds for two boards, and delivers to agents."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from edgeops.demo import AGENTS_PER_PROFILE, PROFILES, run_demo
+from edgeops.protocol.bundle import read_bundle
+
+
+def test_demo_builds_for_two_boards_and_every_agent_installs_its_own(tmp_path):
+    out = io.StringIO()
+    reports = run_demo(tmp_path, Console(file=out, width=200))
+    assert [r["profile"] for r in reports] == list(PROFILES)
+    for report in reports:
+        assert read_bundle(report["bundle"]).manifest["profile"] == report["profile"]
+        assert report["quality"]["drop"] <= report["quality"]["max_drop"]
+    text = out.getvalue()
+    assert "one model, two boards" in text
+    assert text.count("release 1: active") == AGENTS_PER_PROFILE * len(PROFILES)
+    for device_dir in (tmp_path / "devices").iterdir():
+        assert (device_dir / "state" / "current").exists()
