@@ -6,13 +6,19 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean mosquitto
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/edgeops demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev mosquitto
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The broker tests run against a real Mosquitto: install it when we can (root on Debian).
+mosquitto:
+	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; } || \
+	  echo "note: install mosquitto (apt-get install mosquitto) for the broker tests"
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/python bench/compiler_bench.py
