@@ -1,7 +1,7 @@
 """Run a candidate model in onnxruntime: outputs on a dataset, batch-1 latency, peak memory.
 
-Latency is the median of repeated batch-1 runs with the profile's thread count (capped at this
-machine's cores), after warm-up. Peak memory is measured in a fresh subprocess, because the
+Latency is the median of batch-1 runs with the profile's thread count (capped at this machine's
+cores), after warm-up, always measured in alternation with the model it is compared to. Peak memory is measured in a fresh subprocess, because the
 allocations of the models measured before would otherwise hide it.
 """
 
@@ -24,9 +24,6 @@ from edgeops.protocol.errors import EdgeopsError
 # onnxruntime's C++ warnings (e.g. from sessions inside its quantizer) would drown the build's output.
 ort.set_default_logger_severity(3)
 
-LATENCY_MIN_RUNS = 20
-LATENCY_MAX_RUNS = 2000
-LATENCY_BUDGET_S = 0.5
 
 
 def session(model_bytes: bytes, threads: int = 1, quiet: bool = False, plain: bool = False) -> ort.InferenceSession:
@@ -67,18 +64,8 @@ def _timed(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
-def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
-    """Median batch-1 latency: at least LATENCY_MIN_RUNS runs, more while the time budget lasts."""
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    deadline = time.perf_counter() + LATENCY_BUDGET_S
-    while len(times) < LATENCY_MIN_RUNS or (len(times) < LATENCY_MAX_RUNS and time.perf_counter() < deadline):
-        times.append(_timed(sess, feed))
-    return float(np.median(times) * 1000)
-
-
-def paired_latency_ms(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 40) -> list[float]:
+def paired_latency_ms(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray],
+                      budget_s: float = 2.0, min_rounds: int = 5, max_rounds: int = 200) -> list[float]:
     """Median latencies of several models measured in alternating short blocks.
 
     Load from other processes comes and goes; alternating puts every model under the same
@@ -88,7 +75,10 @@ def paired_latency_ms(sessions: list[ort.InferenceSession], feed: dict[str, np.n
         for _ in range(3):
             sess.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
+    deadline = time.perf_counter() + budget_s
+    for done in range(max_rounds):
+        if done >= min_rounds and time.perf_counter() > deadline:
+            break
         for index, sess in enumerate(sessions):
             times[index].extend(_timed(sess, feed) for _ in range(5))
     return [float(np.median(t) * 1000) for t in times]

@@ -47,6 +47,7 @@ LATENCY_FLOOR_MS = 0.05
 # Downloads within 2 % of the fp32 size count as equal; then the earlier candidate wins, since
 # candidates are tried in order of preference (static before dynamic, fewer float layers first).
 SIZE_BUCKET = 0.02
+CANDIDATE_TIMING_S = 0.6
 EXCLUDE_COUNTS = (1, 2, 4)
 DYNAMIC_OPS = ("Conv", "MatMul", "Gemm", "Gather", "LSTM", "Attention")
 
@@ -63,8 +64,14 @@ class Result:
     quality: float = 0.0
     drop: float = 0.0
     latency_ms: float = 0.0
+    latency_ratio: float = 1.0  # to fp32, measured side by side
     error: str | None = None
     misses: list[str] = field(default_factory=list)
+
+    @property
+    def clearly_slower(self) -> bool:
+        fp32_ms = self.latency_ms / self.latency_ratio if self.latency_ratio else self.latency_ms
+        return self.latency_ratio > CLEARLY_SLOWER and self.latency_ms - fp32_ms > LATENCY_FLOOR_MS
 
     @property
     def ok(self) -> bool:
@@ -79,6 +86,7 @@ class Result:
             "quality": round(self.quality, 6),
             "drop": round(self.drop, 6),
             "latency_ms": round(self.latency_ms, 4),
+            "latency_ratio": round(self.latency_ratio, 3),
             "ok": self.ok,
             "error": self.error,
             "misses": self.misses,
@@ -98,17 +106,15 @@ class Search:
     metric: quality.Metric = quality.Metric("cosine", 0)
     fp32_outputs: list[np.ndarray] = field(default_factory=list)
     fp32_quality: float = 1.0
-    fp32_latency_ms: float = 0.0
     results: list[Result] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        sess = measure.session(self.base.SerializeToString(), self.ctx.profile.runtime.threads)
-        self.fp32_outputs = measure.run_dataset(sess, self.evaluation)
+        self.fp32_session = measure.session(self.base.SerializeToString(), self.ctx.profile.runtime.threads)
+        self.fp32_outputs = measure.run_dataset(self.fp32_session, self.evaluation)
         labelled = self.evaluation.labels is not None
         self.metric = quality.choose_metric(self.base, outputs_of(self.base), self.fp32_outputs, labelled, self.forced_metric)
         self.fp32_quality = self._score(self.fp32_outputs)
         self.feed = measure.first_sample(self.evaluation)
-        self.fp32_latency_ms = measure.latency_ms(sess, self.feed)
 
     def _score(self, outputs: list[np.ndarray]) -> float:
         return quality.score(self.metric, self.fp32_outputs, outputs, self.evaluation.labels)
@@ -127,7 +133,8 @@ class Search:
             sess = measure.session(data, self.ctx.profile.runtime.threads)
             outputs = measure.run_dataset(sess, self.evaluation)
             measure.session(data, quiet=True, plain=True).run(None, self.feed)
-            result.latency_ms = measure.latency_ms(sess, self.feed)
+            fp32_ms, result.latency_ms = measure.paired_latency_ms([self.fp32_session, sess], self.feed, CANDIDATE_TIMING_S)
+            result.latency_ratio = result.latency_ms / fp32_ms if fp32_ms else 1.0
         except PassError as exc:
             result.error = str(exc)
             return result
@@ -152,10 +159,9 @@ class Search:
         fitting = [r for r in self.results if r.ok]
         if not fitting:
             return None
-        slow = max(self.fp32_latency_ms * CLEARLY_SLOWER, self.fp32_latency_ms + LATENCY_FLOOR_MS)
         bucket = max(1, int(self.base.ByteSize() * SIZE_BUCKET))
         order = {id(r): i for i, r in enumerate(self.results)}
-        return min(fitting, key=lambda r: (r.latency_ms > slow, r.download_bytes // bucket, order[id(r)]))
+        return min(fitting, key=lambda r: (r.clearly_slower, r.download_bytes // bucket, order[id(r)]))
 
     def closest(self) -> Result | None:
         """The candidate nearest to fitting, for the error message when none fits."""
