@@ -68,16 +68,7 @@ def _key_path(repo: Path, role: str) -> Path:
 def _write_key(path: Path, pem: bytes) -> None:
     """Write a private key readable by its owner only, atomically, never through a looser mode."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, pem, mode=0o600)
 
 
 def _load_signer(path: Path) -> CryptoSigner:

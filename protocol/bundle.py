@@ -89,12 +89,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file,
-    and fsync file and folder, so after a power cut the file is either the old one or the new one."""
+    and fsync file and folder, so after a power cut the file is either the old one or the new one.
+    The file never exists with a looser mode than `mode` (the temporary file starts at 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
