@@ -218,6 +218,7 @@ def fleet() -> None:
       edgeops fleet init ./fleet
       edgeops fleet serve ./fleet
       edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883
+      edgeops fleet mosquitto-config ./fleet -o ./broker
     """
 
 
@@ -244,17 +245,46 @@ def fleet_init(directory: Path, broker: str) -> None:
 @fleet.command("serve")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--broker", help="External broker (mqtt://HOST:PORT); default: start the embedded one.")
-def fleet_serve(directory: Path, broker: str | None) -> None:
-    """Deliver releases to devices and collect their state, until interrupted.
+@click.option("--http", "http", default="127.0.0.1:8420", show_default=True,
+              help="HOST:PORT of the operators' HTTP JSON API (token: api_token in DIRECTORY/fleet.json).")
+def fleet_serve(directory: Path, broker: str | None, http: str) -> None:
+    """Deliver releases to devices and collect their state, and serve the operators' HTTP API, until interrupted.
+
+    The API (OpenAPI description at /v1/openapi.json) backs `push` and `status` with --fleet URL.
 
     \b
     Examples:
       edgeops fleet serve ./fleet
-      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883
+      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --http 0.0.0.0:8420
     """
     from edgeops.fleet.server import serve
 
-    serve(directory, broker)
+    serve(directory, broker, http)
+
+
+@fleet.command("mosquitto-config")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the files into.")
+@click.option("--bind", help="Address the listener binds (default: every interface).")
+def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None) -> None:
+    """Write Mosquitto password, ACL and config files that confine each device to its own topics.
+
+    Writes OUT/passwd, OUT/acl and OUT/mosquitto.conf (a listener on the fleet's broker port that
+    refuses anonymous clients). Run it again after enrolling devices, then reload Mosquitto (SIGHUP).
+    passwd is mode 0600: hand it over to the broker's user if that is another one.
+
+    \b
+    Examples:
+      edgeops fleet mosquitto-config ./fleet -o ./broker
+      mosquitto -c ./broker/mosquitto.conf
+      edgeops fleet mosquitto-config ./fleet -o /etc/mosquitto/edgeops --bind 10.0.0.5
+    """
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.mosquitto import write_config
+
+    files = write_config(FleetHome.open(directory), out, bind)
+    click.echo(f"wrote {files['passwd']}, {files['acl']} and {files['conf']}; start the broker with:")
+    click.echo(f"  mosquitto -c {files['conf']}")
 
 
 @cli.group()
@@ -287,27 +317,43 @@ def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_d
     click.echo(f"enrolled {device_id}; on the device run: edgeops agent run {out}")
 
 
+_FLEET_HELP = "Fleet directory, or the URL of its HTTP API (http://HOST:PORT, see `edgeops fleet serve`)."
+_TOKEN_HELP = "API token for --fleet URL (api_token in the fleet's fleet.json)."
+
+
 @cli.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
-@click.option("--key", type=click.Path(path_type=Path), help="Targets signing key (PEM), if kept outside the fleet.")
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@click.option("--key", type=click.Path(path_type=Path), help="Targets signing key (PEM), if kept outside the fleet; --fleet DIR only.")
 @click.option("--select", "selector", multiple=True, help="key=value: only devices with these labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the release as JSON.")
-def push(bundles: tuple[Path, ...], fleet_dir: Path, key: Path | None, selector: tuple[str, ...], as_json: bool) -> None:
+def push(bundles: tuple[Path, ...], fleet_at: str, token: str | None, key: Path | None, selector: tuple[str, ...],
+         as_json: bool) -> None:
     """Sign bundles of one model version and release them to the matching devices.
 
-    Each device gets the bundle built for its profile.
+    Each device gets the bundle built for its profile. Through the HTTP API (--fleet URL) the
+    fleet signs with the targets key in its repository; with an offline key, push with --fleet DIR --key.
 
     \b
     Examples:
       edgeops push dist/digits-1.1.0-rpi4.edgeops dist/digits-1.1.0-x86-vnni.edgeops --fleet ./fleet
       edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet ./fleet --select site=lab --key ~/offline/targets.pem
+      EDGEOPS_TOKEN=... edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet http://127.0.0.1:8420
     """
-    from edgeops.fleet.home import FleetHome
-    from edgeops.fleet.home import push as push_release
+    from edgeops.fleet import client
     from edgeops.fleet.registry import parse_labels
 
-    release = push_release(FleetHome.open(fleet_dir), list(bundles), parse_labels(selector), key)
+    if client.is_url(fleet_at):
+        if key is not None:
+            raise EdgeopsError("--key needs --fleet DIR: the HTTP API signs with the targets key in the fleet "
+                               "repository; to sign with an offline key, push with --fleet DIR --key KEY")
+        release = client.push(fleet_at, token, list(bundles), parse_labels(selector))
+    else:
+        from edgeops.fleet.home import FleetHome
+        from edgeops.fleet.home import push as push_release
+
+        release = push_release(FleetHome.open(fleet_at), list(bundles), parse_labels(selector), key)
     if as_json:
         _echo_json({"release": release})
     else:
@@ -315,21 +361,28 @@ def push(bundles: tuple[Path, ...], fleet_dir: Path, key: Path | None, selector:
 
 
 @cli.command()
-@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(fleet_dir: Path, as_json: bool) -> None:
+def status(fleet_at: str, token: str | None, as_json: bool) -> None:
     """Devices and releases of a fleet.
 
     \b
     Examples:
       edgeops status --fleet ./fleet
       edgeops status --fleet ./fleet --json
+      edgeops status --fleet http://127.0.0.1:8420 --token "$(jq -r .api_token ./fleet/fleet.json)"
     """
-    from edgeops.fleet.home import FleetHome
-    from edgeops.fleet.registry import open_db
-    from edgeops.fleet.registry import status as fleet_status
+    from edgeops.fleet import client
 
-    data = fleet_status(open_db(FleetHome.open(fleet_dir).db_path))
+    if client.is_url(fleet_at):
+        data = client.status(fleet_at, token)
+    else:
+        from edgeops.fleet.home import FleetHome
+        from edgeops.fleet.registry import open_db
+        from edgeops.fleet.registry import status as fleet_status
+
+        data = fleet_status(open_db(FleetHome.open(fleet_at).db_path))
     if as_json:
         _echo_json(data)
         return

@@ -23,6 +23,7 @@ from typing import Any
 from edgeops.agent.slots import SlotStore
 from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
+from edgeops.protocol.bundle import read_bundle
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,16 @@ class DeviceConfig:
     profile: str
     broker: str
     labels: dict[str, str]
+    username: str | None = None  # broker credentials; absent for a broker that allows anonymous clients
+    password: str | None = None
 
     @classmethod
     def load(cls, device_dir: str | Path) -> "DeviceConfig":
         path = Path(device_dir)
         try:
             data = json.loads((path / "device.json").read_text())
-            return cls(path, data["id"], data["profile"], data["broker"], data.get("labels", {}))
+            return cls(path, data["id"], data["profile"], data["broker"], data.get("labels", {}),
+                       data.get("username"), data.get("password"))
         except FileNotFoundError:
             raise EdgeopsError(f"{path} has no device.json; create it with `edgeops device enroll`") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -62,7 +66,8 @@ class Agent:
         self.downloads = state / "downloads"
         self._desired: queue.Queue[dict[str, Any]] = queue.Queue()
         self._settled: set[tuple[Any, str]] = set()
-        self.link = Link(self.config.id, self.config.broker, self._desired.put)
+        self.link = Link(self.config.id, self.config.broker, self._desired.put,
+                         self.config.username, self.config.password)
 
     def installed(self) -> dict[str, Any] | None:
         active = self.slots.active()
@@ -102,7 +107,14 @@ class Agent:
         """Move towards `desired`; True when settled (installed, refused or nothing to do), False to retry."""
         release, target = desired.get("release_id"), desired.get("target")
         installed = self.installed()
-        if release is None or not isinstance(target, str) or (installed and installed["target"] == target):
+        if release is None or not isinstance(target, str):
+            return True
+        if installed and installed["target"] == target:
+            # Also the way out of a crash after the switch but before the report: say it is active,
+            # and drop the download that is now installed.
+            for stale in self.downloads.glob("*.part"):
+                stale.unlink()
+            self.report(release, "active")
             return True
         if (release, target) in self._settled:
             return True
@@ -114,8 +126,9 @@ class Agent:
             part = self.downloads / f"{info.sha256}.part"
             self.link.download(f"targets/{info.sha256}.{target}", part, info.length)
             self.report(release, "verifying")
-            self.trust.verify_target(target, part.read_bytes(), self.config.profile,
-                                     installed["version"] if installed else None)
+            custom = self.trust.verify_target(target, part.read_bytes(), self.config.profile,
+                                              installed["version"] if installed else None)
+            self._check_bundle(part, target, custom)
             self.report(release, "installing")
             self.slots.install(part, expected_sha256=info.sha256,
                                on_step=lambda step: self.report(release, step) if step == "self-test" else None)
@@ -137,6 +150,22 @@ class Agent:
         part.unlink(missing_ok=True)
         self.report(release, "active")
         return True
+
+    def _check_bundle(self, part: Path, target: str, custom: dict[str, Any]) -> None:
+        """The bundle inside the signed bytes must be what its signed metadata claims, for this device.
+
+        The signed custom fields are what verify_target checked; a bundle whose own manifest names
+        another profile, model or version (signed by mistake or by a misused targets key) would
+        otherwise be installed as if it were the claimed one.
+        """
+        manifest = read_bundle(part).manifest
+        if manifest["profile"] != self.config.profile:
+            raise TrustError("wrong-profile", f"{target} holds a bundle built for profile {manifest['profile']!r}, "
+                                              f"this device is {self.config.profile!r}")
+        claimed = (custom.get("model"), custom.get("version"))
+        if (manifest["name"], manifest["version"]) != claimed:
+            raise TrustError("bad-metadata", f"{target} is signed as {claimed[0]} {claimed[1]} but holds "
+                                             f"{manifest['name']} {manifest['version']}")
 
     def _settle(self, release: Any, target: str, part: Path | None) -> None:
         self._settled.add((release, target))

@@ -3,7 +3,8 @@
 Fetching is request/response over MQTT: the agent publishes `{req, path, offset, length}` on its
 `fetch` topic and the fleet answers on `blocks` (docs/protocol.md). Targets are downloaded into
 `downloads/<sha256>.part`, appended block by block and fsync'd, so an agent restarted mid-download
-resumes at the file's length instead of starting over. Nothing received here is trusted: the
+resumes at the file's length instead of starting over (crash tests kill the agent after the Nth
+block of a download with EDGEOPS_FAILPOINT=after:block:N). Nothing received here is trusted: the
 caller verifies all of it against signed metadata.
 """
 
@@ -18,6 +19,8 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
+from edgeops.agent.slots import failpoint
+from edgeops.agent.trust import TrustError
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 from edgeops.protocol.errors import EdgeopsError
@@ -120,21 +123,27 @@ class Link:
             return b"".join(chunks)
 
     def download(self, path: str, dest: Path, length: int, progress: Callable[[int, int], None] | None = None) -> Path:
-        """Download into `dest` (resuming a partial file), never more than the signed `length`."""
+        """Download into `dest` (resuming a partial file), never more than the signed `length`.
+
+        A fleet announcing another size than the signed `length` is refused with TrustError("length")
+        (docs/protocol.md: endless-data attack), so the caller reports it instead of retrying forever.
+        """
         with self._fetch_lock:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(dest, "ab") as fh:
-                offset = fh.tell()
+                offset, blocks = fh.tell(), 0
                 while offset < length:
                     total, data = self._block(path, offset)
-                    if total != length:
-                        raise FetchError(f"{path} is {total} bytes but {length} were signed")
+                    if total != length:  # endless data (or a truncated file): refused, not retried
+                        raise TrustError("length", f"the fleet offers {path} as {total} bytes but {length} were signed")
                     if not data:
                         raise FetchError(f"fleet sent an empty block for {path} at {offset}")
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
                     offset += len(data)
+                    blocks += 1
+                    failpoint(f"after:block:{blocks}")
                     if progress:
                         progress(offset, length)
             return dest

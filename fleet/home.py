@@ -1,25 +1,29 @@
 """The fleet's home directory and the operator's actions on it: init, enroll, push.
 
 Layout:
-    fleet.json     settings: broker URL, metadata lifetimes
+    fleet.json     settings: broker URL, metadata lifetimes, the HTTP API's bearer token, the fleet's
+                   broker username and password (mode 0600)
     registry.db    devices, releases, executions (edgeops.fleet.registry)
     repo/          the TUF repository: metadata/, targets/, keys/ (edgeops.fleet.trust)
 
-Invariant: a release exists in the registry only after its bundles are signed into the repository,
-so a device never hears of a release it cannot fetch and verify.
+Invariants: a release exists in the registry only after its bundles are signed into the repository,
+so a device never hears of a release it cannot fetch and verify. A device's broker password exists
+only in its device.json (mode 0600); the fleet keeps its hash (edgeops.fleet.mosquitto).
 """
 
 from __future__ import annotations
 
 import json
 import contextlib
+import os
+import secrets
 import fcntl
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeops.fleet import registry, trust
+from edgeops.fleet import mosquitto, registry, trust
 from edgeops.protocol import bundle as bundlemod
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import load_profile
@@ -71,26 +75,31 @@ def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[s
     if (path / CONFIG).exists():
         raise EdgeopsError(f"{path} already holds a fleet; pick an empty directory")
     path.mkdir(parents=True, exist_ok=True)
-    config = {"broker": broker, "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})}}
+    config = {"broker": broker, "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})},
+              "api_token": secrets.token_urlsafe(32),
+              "username": mosquitto.FLEET_USER, "password": mosquitto.new_password()}
     home = FleetHome(path, config)
     trust.init_repository(home.repo, home.expiry())
     registry.open_db(home.db_path).conn.close()
     bundlemod.atomic_write(path / CONFIG, bundlemod.canonical_json(config))
+    os.chmod(path / CONFIG, 0o600)  # holds the API token: owner only, whatever atomic_write's default
     return home
 
 
 def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[str, str], out: Path) -> Path:
-    """Register a device and write what its agent needs: settings and the pinned root metadata."""
+    """Register a device and write what its agent needs: settings, broker credentials, pinned root metadata."""
     load_profile(profile)  # an unknown profile fails here, not on the device
     out = Path(out)
     if (out / "device.json").exists():
         raise EdgeopsError(f"{out} already holds a device configuration")
     db = registry.open_db(home.db_path)
-    registry.enroll(db, device_id, profile, labels)
+    password = mosquitto.new_password()
+    registry.enroll(db, device_id, profile, labels, mosquitto.hash_password(password))
     out.mkdir(parents=True, exist_ok=True)
     bundlemod.atomic_write(out / "root.json", trust.read_metadata(home.repo, "root.json"))
-    device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.config["broker"]}
-    bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device))
+    device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.config["broker"],
+              "username": device_id, "password": password}
+    bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device), mode=0o600)  # holds a password
     return out
 
 

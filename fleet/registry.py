@@ -1,7 +1,8 @@
 """The fleet's registry: devices, releases and per-device executions, in SQLite via sqlite-utils.
 
 Invariants: the database is the only fleet state besides the TUF repository; every write is one
-transaction; execution rows only move between the states in `edgeops.protocol.wire.STATES`; a
+transaction; execution rows only move between the states in `edgeops.protocol.wire.STATES`; every
+device has a `credentials` row with the salted hash of its broker password, never the password; a
 device's desired release is derived (newest release whose selector matches the device's labels and
 that has a bundle for its profile), never stored, so enrolling later or relabelling needs no fix-up.
 """
@@ -41,6 +42,8 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
         {"release_id": int, "profile": str, "target": str, "sha256": str, "length": int},
         pk=("release_id", "profile"), foreign_keys=[("release_id", "releases", "id")], if_not_exists=True,
     )
+    db["credentials"].create({"device": str, "password_hash": str}, pk="device", if_not_exists=True,
+                             not_null={"password_hash"})
     db["executions"].create(
         {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
         pk=("device", "release_id"), if_not_exists=True,
@@ -48,13 +51,21 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     return db
 
 
-def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict[str, str]) -> None:
+def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict[str, str], password_hash: str) -> None:
+    """Add a device and the hash of its broker password, in one transaction."""
     if not DEVICE_ID.match(device_id):
         raise EdgeopsError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if db["devices"].count_where("id = ?", [device_id]):
         raise EdgeopsError(f"device {device_id} is already enrolled")
-    db["devices"].insert({"id": device_id, "profile": profile, "labels": json.dumps(labels, sort_keys=True),
-                          "enrolled_at": time.time(), "online": 0})
+    with db.conn:  # plain SQL: sqlite-utils' insert() commits on its own, which would split the pair
+        db.execute("insert into devices (id, profile, labels, enrolled_at, online) values (?, ?, ?, ?, 0)",
+                   [device_id, profile, json.dumps(labels, sort_keys=True), time.time()])
+        db.execute("insert into credentials (device, password_hash) values (?, ?)", [device_id, password_hash])
+
+
+def password_hashes(db: sqlite_utils.Database) -> dict[str, str]:
+    """Device id -> broker password hash, for every device enrolled with credentials."""
+    return {row["device"]: row["password_hash"] for row in db["credentials"].rows_where(order_by="device")}
 
 
 def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -137,17 +148,32 @@ def mark_offline(db: sqlite_utils.Database, device_id: str) -> None:
         db["devices"].update(device_id, {"online": 0, "last_seen": time.time()})
 
 
-def status(db: sqlite_utils.Database) -> dict[str, Any]:
-    """Devices with their latest execution, and releases: what `edgeops status` shows."""
-    devices = []
-    for row in db["devices"].rows_where(order_by="id"):
-        dev = _device_row(row)
-        latest = list(db["executions"].rows_where("device = ?", [dev["id"]], order_by="release_id desc", limit=1))
-        dev["execution"] = latest[0] if latest else None
-        devices.append(dev)
-    releases = []
+def _with_execution(db: sqlite_utils.Database, dev: dict[str, Any]) -> dict[str, Any]:
+    latest = list(db["executions"].rows_where("device = ?", [dev["id"]], order_by="release_id desc", limit=1))
+    return {**dev, "execution": latest[0] if latest else None}
+
+
+def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every device, by id, with its latest execution (None before its first report)."""
+    return [_with_execution(db, _device_row(row)) for row in db["devices"].rows_where(order_by="id")]
+
+
+def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
+    """One device as in `devices()`, plus the release it should run (`desired`, None if no release matches)."""
+    dev = device(db, device_id)
+    return None if dev is None else {**_with_execution(db, dev), "desired": desired(db, device_id)}
+
+
+def releases(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every release, oldest first, with its selector and one target per profile."""
+    found = []
     for row in db["releases"].rows_where(order_by="id"):
         row["selector"] = json.loads(row["selector"])
         row["targets"] = list(db["release_targets"].rows_where("release_id = ?", [row["id"]], order_by="profile"))
-        releases.append(row)
-    return {"devices": devices, "releases": releases}
+        found.append(row)
+    return found
+
+
+def status(db: sqlite_utils.Database) -> dict[str, Any]:
+    """Devices with their latest execution, and releases: what `edgeops status` shows."""
+    return {"devices": devices(db), "releases": releases(db)}

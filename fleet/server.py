@@ -21,7 +21,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from edgeops.fleet import registry, trust
-from edgeops.fleet.home import FleetHome
+from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
+from edgeops.fleet.home import CONFIG, FleetHome
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 
@@ -40,7 +41,8 @@ class FleetServer:
         self._published: dict[str, bytes] = {}
         self._stop = threading.Event()
         self.connected = threading.Event()
-        self.client = mqttlib.client("edgeops-fleet", self.broker_url)
+        self.client = mqttlib.client("edgeops-fleet", self.broker_url,
+                                     self.home.config.get("username"), self.home.config.get("password"))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -120,24 +122,29 @@ class FleetServer:
             self._stop.wait(POLL_SECONDS)
 
 
-def serve(home_dir: Path, broker_url: str | None) -> None:
-    """Run until interrupted: the embedded broker unless `broker_url` is given, and the fleet server."""
+def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP) -> None:
+    """Run until interrupted: the embedded broker unless `broker_url` is given, the fleet server, and
+    the operators' HTTP API on `http` (HOST:PORT)."""
     from edgeops.fleet.broker import EmbeddedBroker
 
     home = FleetHome.open(home_dir)
+    api = ApiServer(home, http)  # binds now: a taken port fails before anything starts
     broker = None
     if broker_url is None:
         address = mqttlib.BrokerAddress.parse(home.config["broker"])
         broker = EmbeddedBroker(address.host, address.port).start()
         broker_url = broker.url
     server = FleetServer(home, broker_url).start()
-    log.warning("fleet serving %s on %s", home_dir, broker_url)
+    api.start()
+    log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s)",
+                home_dir, broker_url, api.url, home.path / CONFIG)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        api.stop()
         server.stop()
         if broker is not None:
             broker.stop()

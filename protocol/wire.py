@@ -19,6 +19,9 @@ from edgeops.protocol.errors import EdgeopsError
 
 PREFIX = "edgeops/v1/devices"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The leaves a device publishes and the ones it subscribes to, under its own id only (the broker ACL).
+DEVICE_PUBLISHES = ("state", "fetch", "telemetry")
+DEVICE_SUBSCRIBES = ("desired", "blocks")
 MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
 # What a device may fetch: TUF metadata and content-addressed targets, nothing else.

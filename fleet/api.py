@@ -1,0 +1,325 @@
+"""The fleet's HTTP JSON API for operators (`edgeops fleet serve --http`), on the standard library.
+
+One job: translate HTTP to library calls — registry reads and `edgeops.fleet.home.push`. `ROUTES` is
+the whole surface; `edgeops.fleet.openapi.DOCUMENT` describes exactly it.
+
+Invariants:
+- Every answer is JSON. A bad request gets a 4xx `{"error": reason}`; an unexpected exception gets a
+  500 `{"error": ...}` and is logged with its traceback. No request stops the server.
+- Every route but /v1/health and /v1/openapi.json needs `Authorization: Bearer <api_token>` (from
+  fleet.json), checked before any request body is read.
+- A request body is read into memory only when its Content-Length is within `max_body`; a body left
+  unread is drained for a bounded time after the answer, so the client gets to read the answer.
+- Pushes are signed with the targets key in the fleet repository; an offline key needs
+  `edgeops push --fleet DIR --key KEY`.
+- Listens on 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from edgeops import __version__
+from edgeops.fleet import home as fleethome
+from edgeops.fleet import registry
+from edgeops.fleet.openapi import DOCUMENT
+from edgeops.protocol.errors import EdgeopsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP = "127.0.0.1:8420"
+DEFAULT_MAX_BODY = 512 * 1024 * 1024
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # a TUF target name; no path, no dot-file
+DRAIN_SECONDS = 5.0
+STOP_POLL_S = 0.1  # how soon stop() takes effect
+_TOKEN_HINT = "the token is api_token in the fleet's fleet.json"
+
+
+class ApiError(Exception):
+    """A request the API refuses: HTTP status, one-line reason, extra response headers."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str  # OpenAPI path template; `{name}` matches one path segment
+    action: str  # FleetApi method; called with the path parameters, plus `body` (bytes) when `body`
+    auth: bool = True
+    body: bool = False
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template))
+
+
+ROUTES = (
+    Route("GET", "/v1/health", "health", auth=False),
+    Route("GET", "/v1/openapi.json", "openapi", auth=False),
+    Route("GET", "/v1/status", "status"),
+    Route("GET", "/v1/devices", "devices"),
+    Route("GET", "/v1/devices/{device_id}", "device"),
+    Route("GET", "/v1/releases", "releases"),
+    Route("POST", "/v1/releases", "push", body=True),
+)
+
+
+class FleetApi:
+    """What the routes do. Holds one registry connection, used by one request thread at a time."""
+
+    def __init__(self, home: fleethome.FleetHome, max_body: int = DEFAULT_MAX_BODY) -> None:
+        token = home.config.get("api_token")
+        if not isinstance(token, str) or not token:
+            raise EdgeopsError(f"{home.path / fleethome.CONFIG} has no api_token (made by an older edgeops?); "
+                               "add \"api_token\": \"<a long random string>\" to it, then serve again")
+        self.home, self.token, self.max_body = home, token, max_body
+        self._db = registry.open_db(home.db_path)
+        self._db_lock = threading.Lock()
+
+    def _read(self, query, *args: Any) -> Any:
+        with self._db_lock:
+            return query(self._db, *args)
+
+    def health(self) -> tuple[int, Any]:
+        return 200, {"status": "ok", "version": __version__}
+
+    def openapi(self) -> tuple[int, Any]:
+        return 200, DOCUMENT
+
+    def status(self) -> tuple[int, Any]:
+        return 200, self._read(registry.status)
+
+    def devices(self) -> tuple[int, Any]:
+        return 200, {"devices": self._read(registry.devices)}
+
+    def device(self, device_id: str) -> tuple[int, Any]:
+        found = self._read(registry.device_detail, device_id)
+        if found is None:
+            raise ApiError(404, f"no device {device_id!r} is enrolled")
+        return 200, found
+
+    def releases(self) -> tuple[int, Any]:
+        return 200, {"releases": self._read(registry.releases)}
+
+    def push(self, body: bytes) -> tuple[int, Any]:
+        bundles, selector = parse_push(body)
+        with tempfile.TemporaryDirectory(prefix="edgeops-upload-") as tmp:
+            paths = [Path(tmp, name) for name, _ in bundles]
+            for path, (_, data) in zip(paths, bundles):
+                path.write_bytes(data)
+            try:
+                release = fleethome.push(self.home, paths, selector)
+            except EdgeopsError as exc:  # the reason names the bundle by its upload name, not the temp path
+                raise ApiError(400, str(exc).replace(f"{tmp}/", "")) from None
+        return 201, {"release": release}
+
+
+def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """The bundles (name, bytes) and selector of a POST /v1/releases body; ApiError 400 saying what is wrong."""
+    try:
+        request = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ApiError(400, 'body must be a JSON object: {"bundles": [{"name": ..., "data": ...}], "select": {...}}')
+    unknown = sorted(set(request) - {"bundles", "select"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected bundles and select")
+    if "bundles" not in request:
+        raise ApiError(400, "missing field bundles")
+    items = request["bundles"]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "bundles must be a non-empty list of {\"name\": ..., \"data\": <base64>}")
+    bundles = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"name", "data"}:
+            raise ApiError(400, f"bundles[{i}] must be an object with exactly name and data")
+        name, data = item["name"], item["data"]
+        if not isinstance(name, str) or not BUNDLE_NAME.fullmatch(name):
+            raise ApiError(400, f"bundles[{i}].name must be a file name of 1-200 letters, digits, '.', '_' or '-' "
+                                "not starting with '.'")
+        if not isinstance(data, str):
+            raise ApiError(400, f"bundles[{i}].data must be a base64 string")
+        try:
+            bundles.append((name, base64.b64decode(data, validate=True)))
+        except binascii.Error as exc:
+            raise ApiError(400, f"bundles[{i}].data is not valid base64 ({exc})") from None
+    names = [name for name, _ in bundles]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "bundle names must be distinct")
+    selector = request.get("select", {})
+    if not isinstance(selector, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                 for k, v in selector.items()):
+        raise ApiError(400, 'select must be an object of label strings, e.g. {"site": "lab"}')
+    return bundles, selector
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    server_version = f"edgeops/{__version__}"
+    _unread = 0  # request body bytes declared and not read yet
+
+    def _dispatch(self) -> None:
+        self._unread = _declared_length(self.headers.get("Content-Length"))
+        headers: dict[str, str] = {}
+        try:
+            status, data = self._route()
+        except ApiError as exc:
+            status, data, headers = exc.status, {"error": exc.reason}, exc.headers
+        except Exception:
+            log.exception("error serving %s %s", self.command, self.path)
+            status, data = 500, {"error": "internal error; the fleet server logged the details"}
+        self._send(status, data, headers)
+        self._drain()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+    def _route(self) -> tuple[int, Any]:
+        path = urlsplit(self.path).path
+        matches = [(route, m) for route in ROUTES if (m := route.pattern.fullmatch(path))]
+        if not matches:
+            raise ApiError(404, f"no such endpoint {path}; see /v1/openapi.json")
+        chosen = [(route, m) for route, m in matches if route.method == self.command]
+        if not chosen:
+            allowed = ", ".join(sorted({route.method for route, _ in matches}))
+            raise ApiError(405, f"{path} accepts {allowed}, not {self.command}", {"Allow": allowed})
+        route, match = chosen[0]
+        if route.auth:
+            self._authorize()
+        kwargs: dict[str, Any] = {name: unquote(value) for name, value in match.groupdict().items()}
+        if route.body:
+            kwargs["body"] = self._body()
+        return getattr(self.server.api, route.action)(**kwargs)
+
+    def _authorize(self) -> None:
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, f"missing token: send Authorization: Bearer <token> ({_TOKEN_HINT})",
+                           {"WWW-Authenticate": 'Bearer realm="edgeops"'})
+        if not hmac.compare_digest(token.strip().encode(), self.server.api.token.encode()):
+            raise ApiError(401, f"wrong token ({_TOKEN_HINT})",
+                           {"WWW-Authenticate": 'Bearer realm="edgeops", error="invalid_token"'})
+
+    def _body(self) -> bytes:
+        content_type = self.headers.get_content_type()
+        if content_type != "application/json":
+            raise ApiError(415, f"send the body as application/json, not {content_type}")
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
+            raise ApiError(411, "send the body with a Content-Length (no chunked encoding)")
+        length, limit = self._unread, self.server.api.max_body
+        if length < 0:
+            raise ApiError(400, "Content-Length must be a non-negative integer")
+        if length > limit:
+            raise ApiError(413, f"body of {length} bytes is over this server's limit of {limit} bytes")
+        body = self.rfile.read(length)
+        self._unread = 0
+        if len(body) != length:
+            raise ApiError(400, f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _drain(self) -> None:
+        """Read and drop a body left unread, for a bounded time: closing on unread data resets the
+        connection, and the client may lose the answer it has not read yet."""
+        if self._unread <= 0:
+            return
+        deadline = time.monotonic() + DRAIN_SECONDS
+        try:
+            while self._unread > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(self._unread, 1 << 20))
+                if not chunk:
+                    break
+                self._unread -= len(chunk)
+        except OSError:
+            pass  # timed out or reset: the connection closes either way
+        self.close_connection = True
+
+    def _send(self, status: int, data: Any, headers: dict[str, str]) -> None:
+        body = json.dumps(data, sort_keys=True).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's answer to unparseable requests and unknown methods, as JSON, not HTML."""
+        log.info("refused request %r: %d %s", self.requestline, code, message)
+        self.close_connection = True
+        self._send(code, {"error": message or HTTPStatus(code).phrase}, {})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def _declared_length(value: str | None) -> int:
+    """Content-Length as an int: 0 when absent, -1 when not a non-negative integer."""
+    if value is None:
+        return 0
+    return int(value) if re.fullmatch(r"[0-9]+", value.strip()) else -1
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    def __init__(self, address: tuple[str, int], api: FleetApi) -> None:
+        self.api = api
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("connection from %s failed", client_address[0], exc_info=True)
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (port 0: any free port) as a (host, port) pair; EdgeopsError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise EdgeopsError(f"--http {text!r} must look like HOST:PORT, e.g. {DEFAULT_HTTP}")
+    return host, int(port)
+
+
+class ApiServer:
+    """The API on its own threads. Binds when constructed, so a taken port fails before `start()`."""
+
+    def __init__(self, home: fleethome.FleetHome, bind: str = DEFAULT_HTTP, max_body: int = DEFAULT_MAX_BODY) -> None:
+        host, port = parse_bind(bind)
+        api = FleetApi(home, max_body)
+        try:
+            self._httpd = _HTTPServer((host, port), api)
+        except OSError as exc:  # taken port, unknown host
+            raise EdgeopsError(f"cannot listen on {bind} for the HTTP API: {exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": STOP_POLL_S},
+                                        name="edgeops-api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "ApiServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)

@@ -1,0 +1,77 @@
+"""Client of the fleet's HTTP API (edgeops.fleet.api) for `edgeops push/status --fleet URL`; urllib only.
+
+Invariant: every failure — no token, unreachable server, an error answer, an answer that is not
+JSON — is one EdgeopsError naming the fleet URL and, when the server gave one, its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from edgeops.protocol.errors import EdgeopsError
+
+TOKEN_ENV = "EDGEOPS_TOKEN"
+STATUS_TIMEOUT_S = 30
+PUSH_TIMEOUT_S = 600  # per socket operation: the server reads, verifies and signs every bundle before it answers
+
+
+def is_url(fleet: str) -> bool:
+    """Whether `--fleet` names an API (http:// or https://) rather than a fleet directory."""
+    return fleet.startswith(("http://", "https://"))
+
+
+def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, str]) -> int:
+    """Upload bundles of one model version as a release (POST /v1/releases); return the release id."""
+    items = []
+    for path in map(Path, bundles):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise EdgeopsError(f"cannot read bundle {path}: {exc.strerror}") from None
+        items.append({"name": path.name, "data": base64.b64encode(data).decode("ascii")})
+    answer = _call(url, token, "POST", "/v1/releases", {"bundles": items, "select": selector}, PUSH_TIMEOUT_S)
+    return answer["release"]
+
+
+def status(url: str, token: str | None) -> dict[str, Any]:
+    """Devices and releases (GET /v1/status), as `edgeops.fleet.registry.status` returns them."""
+    return _call(url, token, "GET", "/v1/status", None, STATUS_TIMEOUT_S)
+
+
+def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float) -> Any:
+    if not token:
+        raise EdgeopsError(f"the fleet API needs its token: pass --token or set {TOKEN_ENV} "
+                           "(it is api_token in the fleet's fleet.json)")
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise EdgeopsError(f"fleet API at {url} refused {method} {path}: {_reason(exc)} (HTTP {exc.code})") from None
+    except urllib.error.URLError as exc:
+        raise EdgeopsError(f"cannot reach the fleet API at {url}: {exc.reason}") from None
+    except OSError as exc:  # timeout or reset after connecting
+        raise EdgeopsError(f"fleet API at {url} failed during {method} {path}: {exc}") from None
+    except ValueError as exc:  # http.client.InvalidURL
+        raise EdgeopsError(f"bad fleet URL {url}: {exc}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise EdgeopsError(f"{url} did not answer JSON; is it an edgeops fleet API?") from None
+
+
+def _reason(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return str(exc.reason)

@@ -1,0 +1,216 @@
+"""Faults on the real thing: agent processes (`python -m edgeops agent run`) killed with SIGKILL
+mid-download and at every install step, and Mosquitto (secured with the generated files, persistent)
+restarted mid-transfer. After each fault the device converges to the desired release, active.
+
+Kills are placed by the EDGEOPS_FAILPOINT hooks (agent/transport.py, agent/slots.py), so each one
+lands exactly where it is meant to. A spy on the fleet server's MQTT client records every target
+fetch request it receives and, for the broker restart, slows answering it so a transfer lasts seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from edgeops.agent.slots import FAILPOINT_ENV, POINTER
+from edgeops.fleet import registry
+from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.server import FleetServer
+from edgeops.protocol.bundle import build_bundle, bundle_filename, canonical_json, read_bundle
+from edgeops.protocol.wire import MAX_BLOCK
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+
+DEVICE = "dev-1"
+INSTALL_FAILPOINTS = [f"{when}:{step}" for step in ("writing", "loading", "self-test", "switching")
+                      for when in ("before", "after")]
+
+
+class FetchSpy:
+    """Wraps the fleet server's message callback: records target fetch requests, delays answers."""
+
+    def __init__(self, server: FleetServer):
+        self.requests: list[dict[str, Any]] = []
+        self.delay = 0.0
+        inner = server.client.on_message
+
+        def on_message(client, userdata, message) -> None:
+            if message.topic.endswith("/fetch"):
+                request = json.loads(message.payload)
+                if request["path"].startswith("targets/"):
+                    self.requests.append(request)
+                time.sleep(self.delay)
+            inner(client, userdata, message)
+
+        server.client.on_message = on_message
+
+    def offsets(self, since: int = 0) -> list[int]:
+        return [r["offset"] for r in self.requests[since:]]
+
+
+class AgentProcess:
+    """`python -m edgeops agent run DEVICE_DIR`, optionally with a failpoint; its log in DEVICE_DIR/agent.log."""
+
+    def __init__(self, device_dir: Path, failpoint: str | None = None):
+        env = {k: v for k, v in os.environ.items() if k != FAILPOINT_ENV}
+        if failpoint:
+            env[FAILPOINT_ENV] = failpoint
+        self.log = device_dir / "agent.log"
+        with open(self.log, "a") as log:
+            log.write(f"--- agent start, failpoint={failpoint}\n")
+            log.flush()
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgeops", "-v", "agent", "run", str(device_dir)],
+                                         env=env, stdout=log, stderr=log)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def wait_killed(self, timeout: float = 60) -> None:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"the agent did not hit its failpoint within {timeout}s:\n{self.tail()}") from None
+        assert code == -signal.SIGKILL, f"the agent exited with {code}, not by its failpoint:\n{self.tail()}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """A fleet with one device, a secured persistent Mosquitto, and a running fleet server with a FetchSpy."""
+    home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+    enroll_device(home, DEVICE, "x86-vnni", {}, tmp_path / DEVICE)
+    broker = secured_mosquitto(home, tmp_path / "broker")
+    server = FleetServer(home, home.config["broker"])
+    spy = FetchSpy(server)
+    server.start()
+    agents: list[AgentProcess] = []
+
+    def agent(failpoint: str | None = None) -> AgentProcess:
+        agents.append(AgentProcess(tmp_path / DEVICE, failpoint))
+        return agents[-1]
+
+    yield SimpleNamespace(home=home, broker=broker, spy=spy, agent=agent, device_dir=tmp_path / DEVICE)
+    for a in agents:
+        a.stop()
+    server.stop()
+    broker.stop()
+
+
+def release_bundle(source: Path, version: str, outdir: Path, padding: int = 0) -> Path:
+    """`source` re-versioned; `padding` random bytes (base64, so deflate cannot shrink them much) in
+    reference.json make it big enough to interrupt mid-download."""
+    bundle = read_bundle(source)
+    members = dict(bundle.members)
+    if padding:
+        reference = json.loads(members["reference.json"])
+        reference["padding"] = base64.b64encode(os.urandom(padding)).decode()
+        members["reference.json"] = canonical_json(reference)
+    path = outdir / bundle_filename(bundle.manifest["name"], version, bundle.manifest["profile"])
+    path.write_bytes(build_bundle(dict(bundle.manifest, version=version), members))
+    return path
+
+
+def wait_active(home, release: int, version: str, agent: AgentProcess, timeout: float = 60) -> None:
+    db = registry.open_db(home.db_path)
+
+    def done() -> bool:
+        assert agent.proc.poll() is None, f"the agent died:\n{agent.tail()}"
+        states = [row["state"] for row in db["executions"].rows_where("device = ? and release_id = ?", [DEVICE, release])]
+        return states == ["active"] and registry.device(db, DEVICE)["installed_version"] == version
+
+    try:
+        wait_for(done, f"{DEVICE} to report release {release} ({version}) active", timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{agent.tail()}") from None
+
+
+def served_version(device_dir: Path) -> str | None:
+    """The version the slot pointer names, read without touching the state (the agent recovers it)."""
+    state = device_dir / "state"
+    if not (state / POINTER).exists():
+        return None
+    slot = (state / POINTER).read_text().strip()
+    return read_bundle(state / "slots" / slot / "bundle.edgeops").manifest["version"]
+
+
+def test_kill_during_download_resumes_where_it_stopped(fleet, digits_bundle, tmp_path):
+    bundle = release_bundle(digits_bundle.path, "1.0.0", tmp_path, padding=1_200_000)
+    length = bundle.stat().st_size
+    assert length > 6 * MAX_BLOCK
+    release = push(fleet.home, [bundle], {})
+    sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
+    part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
+
+    fleet.agent("after:block:3").wait_killed()
+    assert part.stat().st_size == 3 * MAX_BLOCK  # every block written was fsync'd before the kill
+    assert fleet.spy.offsets() == [0, MAX_BLOCK, 2 * MAX_BLOCK]
+    before = len(fleet.spy.requests)
+
+    agent = fleet.agent()
+    wait_active(fleet.home, release, "1.0.0", agent)
+    resumed = fleet.spy.offsets(before)
+    assert resumed[0] == 3 * MAX_BLOCK and min(resumed) == 3 * MAX_BLOCK, resumed
+    assert resumed == sorted(resumed) and resumed[-1] == (length - 1) // MAX_BLOCK * MAX_BLOCK
+    assert not part.exists()
+    assert served_version(fleet.device_dir) == "1.0.0"
+
+
+def test_kill_at_every_install_step_converges(fleet, digits_bundle, tmp_path):
+    previous = None
+    for number, point in enumerate(INSTALL_FAILPOINTS, start=1):
+        version = f"1.0.{number}"
+        release = push(fleet.home, [release_bundle(digits_bundle.path, version, tmp_path)], {})
+        fleet.agent(point).wait_killed()
+        # The kill leaves the old model served, unless it came after the switch.
+        assert served_version(fleet.device_dir) == (version if point == "after:switching" else previous), point
+        agent = fleet.agent()
+        wait_active(fleet.home, release, version, agent)
+        agent.stop()
+        assert served_version(fleet.device_dir) == version, point
+        state = fleet.device_dir / "state"
+        assert not (state / "install.json").exists() and list((state / "downloads").iterdir()) == [], point
+        previous = version
+
+
+def test_broker_restart_mid_transfer_completes(fleet, digits_bundle, tmp_path):
+    bundle = release_bundle(digits_bundle.path, "1.0.0", tmp_path, padding=3_000_000)
+    blocks = -(-bundle.stat().st_size // MAX_BLOCK)
+    fleet.spy.delay = 0.1  # ~2.5 s for the whole transfer
+    release = push(fleet.home, [bundle], {})
+    downloads = fleet.device_dir / "state" / "downloads"
+    agent = fleet.agent()
+
+    def part_size() -> int:
+        parts = list(downloads.glob("*.part")) if downloads.exists() else []
+        return parts[0].stat().st_size if parts else 0
+
+    wait_for(lambda: part_size() >= 2 * MAX_BLOCK, "the download to start")
+    fleet.broker.stop()
+    at_stop = part_size()
+    assert at_stop < bundle.stat().st_size, "the transfer finished before the broker stopped; slow it down"
+    fleet.broker.start()
+    wait_active(fleet.home, release, "1.0.0", agent)
+    offsets = fleet.spy.offsets()
+    assert offsets == sorted(offsets) and offsets[0] == 0, offsets  # continued, never restarted from 0
+    assert len(set(offsets)) == blocks
+    assert served_version(fleet.device_dir) == "1.0.0"
