@@ -288,6 +288,57 @@ def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None) -> None
 
 
 @cli.group()
+def keys() -> None:
+    """The fleet's signing keys: keep root and targets offline, rotate them.
+
+    \b
+    Examples:
+      edgeops keys export root --fleet ./fleet -o /media/usb/root.pem --remove
+      edgeops keys rotate targets --fleet ./fleet --root-key /media/usb/root.pem
+    """
+
+
+@keys.command("export")
+@click.argument("role", type=click.Choice(["root", "targets"]))
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("-o", "--output", "dest", required=True, type=click.Path(path_type=Path), help="File to write the key to.")
+@click.option("--remove", is_flag=True, help="Delete the fleet's copy afterwards (the key is then offline only).")
+def keys_export(role: str, fleet_dir: Path, dest: Path, remove: bool) -> None:
+    """Copy the root or targets key out of the fleet, e.g. to offline storage.
+
+    \b
+    Example:
+      edgeops keys export root --fleet ./fleet -o /media/usb/root.pem --remove
+    """
+    from edgeops.fleet import trust
+    from edgeops.fleet.home import FleetHome
+
+    path = trust.export_key(FleetHome.open(fleet_dir).repo, role, dest, remove)
+    click.echo(f"{role} key written to {path}" + ("; the fleet no longer holds it" if remove else ""))
+
+
+@keys.command("rotate")
+@click.argument("role", type=click.Choice(["root", "targets"]))
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--root-key", type=click.Path(path_type=Path), help="The current root key, when kept offline.")
+def keys_rotate(role: str, fleet_dir: Path, root_key: Path | None) -> None:
+    """Replace the root or targets key; devices follow the new root on their next refresh.
+
+    \b
+    Examples:
+      edgeops keys rotate targets --fleet ./fleet
+      edgeops keys rotate root --fleet ./fleet --root-key /media/usb/root.pem
+    """
+    from edgeops.fleet import trust
+    from edgeops.fleet.home import FleetHome
+
+    home = FleetHome.open(fleet_dir)
+    with home.repo_lock():
+        path = trust.rotate_key(home.repo, role, home.expiry(), root_key)
+    click.echo(f"new {role} key: {path}; export it with `edgeops keys export {role}` to keep it offline")
+
+
+@cli.group()
 def device() -> None:
     """Devices of a fleet.
 

@@ -205,3 +205,28 @@ def test_agent_check_would_see_onnx():
     proc = run_python("import sys, edgeops.compiler.model; print('onnx' in sys.modules)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def test_keys_export_and_rotate(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeops.cli import cli as root_cli
+    from edgeops.fleet import trust
+    from edgeops.fleet.home import init_fleet
+
+    home = init_fleet(tmp_path / "fleet")
+    runner = CliRunner()
+    old_root = trust.read_metadata(home.repo, "root.json")
+    result = runner.invoke(root_cli, ["keys", "export", "root", "--fleet", str(home.path), "-o", str(tmp_path / "root.pem"), "--remove"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "root.pem").stat().st_mode & 0o777 == 0o600
+    assert not (home.repo / "keys" / "root.pem").exists()
+    # Without the offline root key the fleet cannot rotate; with it, a new root version appears.
+    refused = runner.invoke(root_cli, ["keys", "rotate", "targets", "--fleet", str(home.path)])
+    assert refused.exit_code != 0 and refused.output.startswith("Error:")
+    result = runner.invoke(root_cli, ["keys", "rotate", "targets", "--fleet", str(home.path), "--root-key", str(tmp_path / "root.pem")])
+    assert result.exit_code == 0, result.output
+    assert trust.read_metadata(home.repo, "root.json") != old_root

@@ -1,0 +1,54 @@
+"""Malformed MQTT payloads are dropped; the fleet server and the agent keep working afterwards."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edgeops.agent.service import Agent
+from edgeops.fleet import registry
+from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.server import FleetServer
+from edgeops.protocol import wire
+from edgeops.protocol.mqtt import BrokerAddress
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fleetkit import PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+
+GARBAGE = [b"", b"\xff\xfe not utf-8", b"not json", b"[1, 2, 3]", b'{"req": "x"}', b"{" * 100_000,
+           wire.fetch_request(1, "../../etc/passwd", 0), wire.fetch_request(2, "metadata/timestamp.json", -5),
+           wire.fetch_request(3, "metadata/timestamp.json", 0, 10**9)]
+
+
+def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, releases, tmp_path):
+    home = init_fleet(tmp_path / "fleet", broker)
+    enroll_device(home, "dev-1", PROFILES[0], {}, tmp_path / "dev-1")
+    server = FleetServer(home, broker).start()
+    agent = Agent(tmp_path / "dev-1")
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    address = BrokerAddress.parse(broker)
+    attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="garbage")
+    attacker.connect(address.host, address.port)
+    attacker.loop_start()
+    try:
+        wait_for(lambda: server.connected.is_set() and agent.link.connected.is_set(), "both sides to connect")
+        for leaf in ("fetch", "state", "desired", "blocks", "unknown"):
+            for payload in GARBAGE:
+                attacker.publish(wire.topic("dev-1", leaf), payload, qos=1).wait_for_publish(5)
+        attacker.publish("edgeops/v1/devices/../x", b"{}", qos=1).wait_for_publish(5)
+        release = push(home, [releases[("1.0.0", PROFILES[0])]], {})
+        wait_for(lambda: (agent.installed() or {}).get("version") == "1.0.0", "the agent to install after the garbage")
+        db = registry.open_db(home.db_path)
+        wait_for(lambda: db["executions"].count_where("release_id = ? and state = 'active'", [release]) == 1,
+                 "the fleet to record the install")
+        assert thread.is_alive() and server._thread.is_alive()
+    finally:
+        attacker.loop_stop()
+        stop.set()
+        thread.join(timeout=10)
+        server.stop()
