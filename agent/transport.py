@@ -115,7 +115,7 @@ class Link:
             while total is None or offset < total:
                 total, data = self._block(path, offset)
                 if total > limit:
-                    raise FetchError(f"{path} is {total} bytes, more than the {limit} allowed")
+                    raise TrustError("length", f"{path} is {total} bytes, more than the {limit} allowed")
                 if not data and offset < total:
                     raise FetchError(f"fleet sent an empty block for {path} at {offset}")
                 chunks.append(data)
