@@ -29,6 +29,7 @@ from edgeops.protocol import wire
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+from realparts import missing  # noqa: E402
 
 DEVICES = ("dev-a", "dev-b")
 
@@ -114,7 +115,7 @@ def test_generated_files_hold_hashes_in_mosquitto_format(fleet, tmp_path):
 def test_hash_matches_mosquitto_passwd(tmp_path):
     binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     if not Path(binary).exists():
-        pytest.skip("mosquitto_passwd is not installed")
+        missing("mosquitto_passwd is not installed (it comes with mosquitto)")
     passwd = tmp_path / "passwd"
     passwd.touch()
     subprocess.run([binary, "-b", str(passwd), "alice", "s3cret"], check=True, timeout=10)

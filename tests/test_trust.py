@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from realparts import missing
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile
@@ -325,7 +326,7 @@ def test_fleet_refuses_versions_devices_cannot_order(repo, tmp_path, version):
 
 def test_refresh_fsyncs_what_python_tuf_saved(repo, tmp_path, monkeypatch):
     if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc to name fsynced descriptors")
+        missing("needs /proc to name fsynced descriptors")
     publish(repo, "1.0.0")
     store = device(repo, tmp_path / "dev")
     synced, real_fsync = set(), os.fsync
