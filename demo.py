@@ -8,6 +8,7 @@ bundle built for its own board.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -30,12 +31,18 @@ from edgeops.fleet.views import render_status
 # Jetson whose GPU runs half precision.
 PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
 AGENTS_PER_PROFILE = 3
+DEMO_FOLDERS = ("model", "bundles", "fleet", "devices")
 DELIVERY_TIMEOUT_S = 120
 
 
 def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
-    """Train, build for each demo profile, print the comparison; return the build reports."""
+    """Train, build for each demo profile, print the comparison; return the build reports.
+
+    Reruns start over: the demo's own subfolders of `workdir` from an earlier run are replaced.
+    """
     workdir = Path(workdir)
+    for previous in DEMO_FOLDERS:
+        shutil.rmtree(workdir / previous, ignore_errors=True)
     with console.status("training an MLP on scikit-learn's digits"):
         example = train_digits_mlp(workdir / "model")
     console.print(f"trained {example.name}: {example.onnx}")
