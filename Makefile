@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
 
-.PHONY: demo test bench clean mosquitto
+.PHONY: demo test bench bench-fanout clean mosquitto
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/edgeops demo
@@ -22,6 +22,9 @@ mosquitto:
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/python bench/compiler_bench.py
+
+bench-fanout: $(VENV)/.dev mosquitto
+	$(VENV)/bin/python bench/fanout_bench.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
