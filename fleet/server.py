@@ -39,6 +39,7 @@ class FleetServer:
         self.db = registry.open_db(self.home.db_path)
         self._db_lock = threading.Lock()
         self._published: dict[str, bytes] = {}
+        self._targets: dict[str, bytes] = {}
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client = mqttlib.client("edgeops-fleet", self.broker_url,
@@ -86,15 +87,23 @@ class FleetServer:
     def _answer_fetch(self, device_id: str, payload: bytes) -> None:
         request = wire.parse_fetch_request(payload)
         reply_topic = wire.topic(device_id, "blocks")
-        path = self.home.repo / request["path"]
         try:
-            data = path.read_bytes()
+            data = self._read(request["path"])
         except OSError:
             self.client.publish(reply_topic, wire.error_reply(request["req"], request["path"], "not found"), qos=1)
             return
         offset = min(request["offset"], len(data))
         block = data[offset : offset + request["length"]]
         self.client.publish(reply_topic, wire.block_reply(request["req"], request["path"], offset, len(data), block), qos=1)
+
+    def _read(self, path: str) -> bytes:
+        """Repository file bytes. Targets are content-addressed, so they never change and are read
+        once, not once per 128 KiB block; metadata changes and is read fresh."""
+        if not path.startswith("targets/"):
+            return (self.home.repo / path).read_bytes()
+        if path not in self._targets:
+            self._targets[path] = (self.home.repo / path).read_bytes()
+        return self._targets[path]
 
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""
