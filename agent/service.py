@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeops.agent.partial import discard
 from edgeops.agent.slots import SlotStore
 from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
-from edgeops.protocol.bundle import read_bundle
+from edgeops.protocol.bundle import read_manifest
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Agent:
         if installed and installed["target"] == target:
             # Also the way out of a crash after the switch but before the report: say it is active,
             # and drop the download that is now installed.
-            for stale in self.downloads.glob("*.part"):
+            for stale in self.downloads.glob("*"):
                 stale.unlink()
             self.report(release, "active")
             return True
@@ -147,7 +148,7 @@ class Agent:
             self._settle(release, target, part)
             self.report(release, "failed", str(exc))
             return True
-        part.unlink(missing_ok=True)
+        discard(part)
         self.report(release, "active")
         return True
 
@@ -158,7 +159,7 @@ class Agent:
         another profile, model or version (signed by mistake or by a misused targets key) would
         otherwise be installed as if it were the claimed one.
         """
-        manifest = read_bundle(part).manifest
+        manifest = read_manifest(part)  # the members are verified against it by the install
         if manifest["profile"] != self.config.profile:
             raise TrustError("wrong-profile", f"{target} holds a bundle built for profile {manifest['profile']!r}, "
                                               f"this device is {self.config.profile!r}")
@@ -170,7 +171,7 @@ class Agent:
     def _settle(self, release: Any, target: str, part: Path | None) -> None:
         self._settled.add((release, target))
         if part is not None:
-            part.unlink(missing_ok=True)
+            discard(part)
 
 
 def run_agent(device_dir: str | Path) -> None:

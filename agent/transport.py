@@ -1,11 +1,12 @@
 """The agent's MQTT link: presence, desired releases in, states out, and block fetches.
 
-Fetching is request/response over MQTT: the agent publishes `{req, path, offset, length}` on its
-`fetch` topic and the fleet answers on `blocks` (docs/protocol.md). Targets are downloaded into
-`downloads/<sha256>.part`, appended block by block and fsync'd, so an agent restarted mid-download
-resumes at the file's length instead of starting over (crash tests kill the agent after the Nth
-block of a download with EDGEOPS_FAILPOINT=after:block:N). Nothing received here is trusted: the
-caller verifies all of it against signed metadata.
+Small files (TUF metadata) are request/response: the agent publishes `{req, path, offset, length}`
+on its `fetch` topic and the fleet answers on `blocks`. Targets are broadcast: the agent subscribes
+to the target's stream, then asks for the blocks it lacks (a bitmap), and stores whatever blocks of
+that target the stream carries, whoever asked for them (docs/protocol.md). Progress is persisted
+block by block (agent/partial.py), so an agent restarted mid-download asks only for what it lacks
+(crash tests kill it after its Nth stored block with EDGEOPS_FAILPOINT=after:block:N). Nothing
+received here is trusted: the caller verifies all of it against signed metadata.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
+from edgeops.agent.partial import PartialDownload
 from edgeops.agent.slots import failpoint
 from edgeops.agent.trust import TrustError
 from edgeops.protocol import mqtt as mqttlib
@@ -28,6 +30,7 @@ from edgeops.protocol.errors import EdgeopsError
 log = logging.getLogger(__name__)
 BLOCK_TIMEOUT_S = 10.0
 BLOCK_RETRIES = 5
+STREAM_QUIET_S = 2.0  # no new block of the target for this long: ask again for what is missing
 
 
 class FetchError(EdgeopsError):
@@ -48,6 +51,10 @@ class Link:
         self._replies: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
         self._request = 0
         self._fetch_lock = threading.Lock()
+        self._stream_path: str | None = None  # the target being streamed in, if any
+        self._stream: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
+        self._subscribe_lock = threading.Lock()
+        self._subacks: dict[int, threading.Event] = {}
         self.connected = threading.Event()
         offline = wire.encode({"device": device_id, "online": False})
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, username, password,
@@ -55,6 +62,7 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     def start(self) -> "Link":
         self.client.loop_start()
@@ -68,16 +76,30 @@ class Link:
         if reason_code.is_failure:
             log.error("broker refused %s: %s", self.device_id, reason_code)
             return
-        client.subscribe([(wire.topic(self.device_id, "desired"), 1), (wire.topic(self.device_id, "blocks"), 1)])
+        topics = [(wire.topic(self.device_id, "desired"), 1), (wire.topic(self.device_id, "blocks"), 1)]
+        if self._stream_path:  # a session the broker lost: the stream subscription went with it
+            topics.append((wire.stream_topic(self._stream_path), 1))
+        client.subscribe(topics)
         self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._subscribe_lock:
+            done = self._subacks.pop(mid, None)
+        if done is not None and not any(code.is_failure for code in reason_codes):
+            done.set()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
+            if message.topic.startswith(wire.STREAMS + "/"):
+                self._stream.put(wire.parse_stream_block(message.payload))
+                return
             _, leaf = wire.parse_topic(message.topic)
             if leaf == "desired":
                 self._on_desired(wire.decode(message.payload, {}))
             elif leaf == "blocks":
-                self._replies.put(wire.parse_block_reply(message.payload))
+                header, data = wire.parse_block_reply(message.payload)
+                streamed = "error" in header and header["path"] == self._stream_path
+                (self._stream if streamed else self._replies).put((header, data))
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
         except Exception:  # never let a callback kill paho's network thread
@@ -122,28 +144,70 @@ class Link:
                 offset += len(data)
             return b"".join(chunks)
 
-    def download(self, path: str, dest: Path, length: int, progress: Callable[[int, int], None] | None = None) -> Path:
-        """Download into `dest` (resuming a partial file), never more than the signed `length`.
+    def download(self, path: str, dest: Path, length: int) -> Path:
+        """Download target `path` into `dest` from its stream, resuming a partial download, never
+        more than the signed `length`.
 
         A fleet announcing another size than the signed `length` is refused with TrustError("length")
         (docs/protocol.md: endless-data attack), so the caller reports it instead of retrying forever.
         """
         with self._fetch_lock:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(dest, "ab") as fh:
-                offset, blocks = fh.tell(), 0
-                while offset < length:
-                    total, data = self._block(path, offset)
-                    if total != length:  # endless data (or a truncated file): refused, not retried
-                        raise TrustError("length", f"the fleet offers {path} as {total} bytes but {length} were signed")
-                    if not data:
-                        raise FetchError(f"fleet sent an empty block for {path} at {offset}")
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    offset += len(data)
-                    blocks += 1
-                    failpoint(f"after:block:{blocks}")
-                    if progress:
-                        progress(offset, length)
-            return dest
+            partial = PartialDownload(dest, length)
+            topic = wire.stream_topic(path)
+            self._stream = queue.Queue()
+            self._stream_path = path
+            try:
+                self._subscribe(topic)
+                idle = 0
+                while missing := partial.missing():
+                    self._request += 1
+                    self.client.publish(wire.topic(self.device_id, "fetch"),
+                                        wire.stream_request(self._request, path, missing), qos=1)
+                    idle = 0 if self._receive(path, partial) else idle + 1
+                    if idle >= BLOCK_RETRIES:
+                        raise FetchError(f"no block of {path} arrived after {BLOCK_RETRIES} requests")
+            finally:
+                self._stream_path = None
+                self.client.unsubscribe(topic)
+            return partial.finish()
+
+    def _subscribe(self, topic: str) -> None:
+        """Subscribe and wait for the broker's acknowledgement, so no block published later is missed."""
+        done = threading.Event()
+        with self._subscribe_lock:
+            result, mid = self.client.subscribe(topic, 1)
+            self._subacks[mid] = done
+        if result != mqtt.MQTT_ERR_SUCCESS or not done.wait(BLOCK_TIMEOUT_S):
+            raise FetchError(f"could not subscribe to {topic}")
+
+    def _receive(self, path: str, partial: PartialDownload) -> int:
+        """Store blocks of `path` from the stream until it is complete or STREAM_QUIET_S pass without
+        a new one; returns how many were new."""
+        received = 0
+        while partial.missing():
+            try:
+                arrived = [self._stream.get(timeout=STREAM_QUIET_S)]
+            except queue.Empty:
+                return received
+            while not self._stream.empty():  # store a burst with one sync
+                arrived.append(self._stream.get_nowait())
+            blocks = {}
+            for header, data in arrived:
+                if header["path"] != path:
+                    continue
+                if "error" in header:
+                    raise NotFound(f"fleet could not serve {path}: {header['error']}")
+                if header["total"] != partial.length:  # endless data (or a truncated file): refused
+                    raise TrustError("length", f"the fleet offers {path} as {header['total']} bytes "
+                                               f"but {partial.length} were signed")
+                index = header["offset"] // wire.MAX_BLOCK
+                if index not in partial.have and len(data) == partial.block_size(index):
+                    blocks[index] = data
+            if blocks:
+                stored = len(partial.have) - partial.resumed
+                partial.write(blocks)
+                received += len(blocks)
+                for number in range(stored + 1, stored + len(blocks) + 1):
+                    failpoint(f"after:block:{number}")  # counts blocks stored by this process
+        return received

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import multiprocessing as mp
 import shutil
 import socket
@@ -120,7 +121,7 @@ def start_mosquitto(work: Path) -> tuple[str, subprocess.Popen]:
     conf.write_text("\n".join([
         f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
         "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 0", "max_inflight_bytes 0",
-        "message_size_limit 0", "max_connections -1", f"log_dest file {work / 'mosquitto.log'}", "",
+        "message_size_limit 0", "max_connections -1", "set_tcp_nodelay true", f"log_dest file {work / 'mosquitto.log'}", "",
     ]))
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(lambda: (proc.terminate(), proc.wait(timeout=10)) if proc.poll() is None else None)
@@ -174,6 +175,12 @@ class Workers:
                 p.join(timeout=5)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _collect_ready(ready: mp.Queue, procs: int, expected: int, timeout: float) -> None:
     deadline, n = time.monotonic() + timeout, 0
     for _ in range(procs):
@@ -218,7 +225,11 @@ def raw_phase(ctx, url: str, payload: bytes, n: int, procs: int, timeout: float)
         workers.close()
 
 
-def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, timeout: float) -> float:
+DELIVERED = ("installing", "self-test", "active")  # execution states reached once the bytes are verified
+
+
+def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, timeout: float,
+                  broker_pid: int) -> dict[str, float]:
     from edgeops.fleet import registry
     from edgeops.fleet.home import enroll_device, init_fleet, push
     from edgeops.fleet.server import FleetServer
@@ -237,19 +248,31 @@ def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, t
         _collect_ready(ready, len(groups), n, 120)
         db = registry.open_db(home.db_path)
         _wait(lambda: db["devices"].count_where("online = 1") == n, "all devices to report online", 60, 0.2)
+        pids = {"agents": [p.pid for p in workers.procs], "broker": [broker_pid]}
+        cpu0 = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()} | {"fleet": time.process_time()}
         t0 = time.monotonic()
         release = push(home, [bundle], {"bench": "fanout"})
+        result: dict[str, float] = {}
 
         def all_active():
             rows = list(db.query("select state, count(*) as c from executions where release_id = ? group by state", [release]))
             counts = {r["state"]: r["c"] for r in rows}
+            if os.environ.get("FANOUT_TRACE"):
+                print(f"{time.monotonic() - t0:6.2f} {counts} sent={server.streams.sent}", flush=True)
             bad = {s: c for s, c in counts.items() if s in ("failed", "rejected")}
             if bad:
                 raise RuntimeError(f"executions failed: {bad}")
+            if "delivered_s" not in result and sum(counts.get(s, 0) for s in DELIVERED) == n:
+                result["delivered_s"] = time.monotonic() - t0
             return counts.get("active", 0) == n
 
-        _wait(all_active, f"{n} executions active", timeout)
-        return time.monotonic() - t0
+        _wait(all_active, f"{n} executions active", timeout, 0.02)
+        result["active_s"] = time.monotonic() - t0
+        cpu = {k: sum(map(cpu_seconds, v)) - cpu0[k] for k, v in pids.items()}
+        cpu["fleet"] = time.process_time() - cpu0["fleet"]
+        result |= {f"{k}_cpu_s": v for k, v in cpu.items()}
+        result["blocks_sent"] = server.streams.sent
+        return result
     finally:
         workers.close()
         server.stop()
@@ -269,19 +292,24 @@ def main() -> None:
     atexit.register(shutil.rmtree, work, True)  # registered first, so it runs after the broker stops
     bundle = args.bundle or build_bundle(args.model, work)
     size = bundle.stat().st_size
-    url, _ = start_mosquitto(work)
+    url, broker = start_mosquitto(work)
     ctx = mp.get_context("spawn")
     print(f"release: {bundle.name}, {size:,} bytes ({size / 2**20:.2f} MiB); {args.agents} clients in "
           f"{args.procs} processes; Mosquitto at {url}", flush=True)
 
     raw = raw_phase(ctx, url, bundle.read_bytes(), args.agents, args.procs, args.timeout)
     print(f"raw fan-out (128 KiB QoS 1 to {args.agents} subscribers): {raw:.2f} s", flush=True)
-    edge = edgeops_phase(ctx, url, bundle, args.agents, args.procs, work, args.timeout)
-    print(f"edgeops push -> {args.agents} active: {edge:.2f} s", flush=True)
-    print(f"ratio edgeops/raw: {edge / raw:.1f}x (goal <= 2x)", flush=True)
+    edge = edgeops_phase(ctx, url, bundle, args.agents, args.procs, work, args.timeout, broker.pid)
+    blocks = -(-size // CHUNK)
+    print(f"edgeops push -> {args.agents} verified: {edge['delivered_s']:.2f} s ({edge['delivered_s'] / raw:.1f}x raw); "
+          f"-> {args.agents} active: {edge['active_s']:.2f} s", flush=True)
+    print(f"  {edge['blocks_sent']:.0f} blocks broadcast ({edge['blocks_sent'] / blocks:.1f} passes over the "
+          f"{blocks} blocks); CPU: agents {edge['agents_cpu_s']:.1f} s ({1000 * edge['agents_cpu_s'] / args.agents:.0f} ms "
+          f"per agent), fleet {edge['fleet_cpu_s']:.1f} s, broker {edge['broker_cpu_s']:.1f} s; {os.cpu_count()} cores", flush=True)
+    print(f"ratio edgeops/raw: {edge['active_s'] / raw:.1f}x (goal <= 2x)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"bundle_bytes": size, "agents": args.agents, "procs": args.procs,
-                                         "raw_s": raw, "edgeops_s": edge, "ratio": edge / raw}, indent=2))
+                                         "raw_s": raw, **edge, "ratio": edge["active_s"] / raw}, indent=2))
 
 
 if __name__ == "__main__":

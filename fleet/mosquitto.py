@@ -3,9 +3,10 @@
 `edgeops fleet mosquitto-config` writes three files into one folder:
     passwd          `USERNAME:$7$ITERATIONS$SALT$HASH` per line (Mosquitto 2's PBKDF2-HMAC-SHA512 format,
                     standard base64): the fleet user, then every enrolled device; mode 0600
-    acl             the fleet user reads and writes every device topic; through `pattern` lines (%u, the
-                    username, is the device id) a device may only publish its `wire.DEVICE_PUBLISHES`
-                    leaves and only read its `wire.DEVICE_SUBSCRIBES` leaves, under its own id
+    acl             the fleet user reads and writes every device topic and writes the target streams;
+                    through `pattern` lines (%u, the username, is the device id) a device may only
+                    publish its `wire.DEVICE_PUBLISHES` leaves and only read its `wire.DEVICE_SUBSCRIBES`
+                    leaves, under its own id, and read (never write) the target streams
     mosquitto.conf  a listener that refuses anonymous clients and uses the two files above
 
 Invariants:
@@ -62,7 +63,10 @@ def acl_text(fleet_user: str = FLEET_USER) -> str:
              "# Devices: %u is the username, which is the device id."]
     lines += [f"pattern write {wire.PREFIX}/%u/{leaf}" for leaf in wire.DEVICE_PUBLISHES]
     lines += [f"pattern read {wire.PREFIX}/%u/{leaf}" for leaf in wire.DEVICE_SUBSCRIBES]
-    lines += ["", "# The fleet server.", f"user {fleet_user}", f"topic readwrite {wire.PREFIX}/#"]
+    lines += ["# Target streams: every device may receive them (bundles are signed, not secret among the fleet).",
+              f"pattern read {wire.STREAMS}/#"]
+    lines += ["", "# The fleet server.", f"user {fleet_user}", f"topic readwrite {wire.PREFIX}/#",
+              f"topic write {wire.STREAMS}/#"]
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +90,7 @@ def write_config(home: FleetHome, out: str | Path, bind: str | None = None) -> d
         f"listener {port}{' ' + bind if bind else ''}",
         "use_username_as_clientid true",
         "allow_anonymous false",
+        "set_tcp_nodelay true",  # small request/answer packets: Nagle would add ~40 ms to each
         f"password_file {files['passwd']}",
         f"acl_file {files['acl']}",
     ]

@@ -105,6 +105,13 @@ def _device_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "labels": json.loads(row["labels"]), "online": bool(row["online"])}
 
 
+def generation(db: sqlite_utils.Database) -> tuple[Any, ...]:
+    """Changes whenever a device's desired release may have changed (a release or an enrollment):
+    a cheap check before recomputing every device's `desired`."""
+    return tuple(db.execute("select (select max(id) from releases), (select count(*) from release_targets), "
+                            "(select count(*) from devices), (select max(enrolled_at) from devices)").fetchone())
+
+
 def desired(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
     """The release this device should run: the newest matching one with a bundle for its profile."""
     dev = device(db, device_id)
@@ -121,31 +128,35 @@ def desired(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
     return None
 
 
-def record_state(db: sqlite_utils.Database, device_id: str, state: dict[str, Any]) -> None:
-    """Store what a device reported about itself (the `state` message)."""
-    if device(db, device_id) is None:
-        return  # not enrolled: the broker ACL should have stopped it; ignore
+def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str, Any]]]) -> None:
+    """Store what devices reported about themselves (`state` messages, oldest first) in one
+    transaction, so a burst of reports costs one sync, not one each. Unknown devices are ignored:
+    the broker ACL should have stopped them."""
     now = time.time()
-    installed = state.get("installed") or {}
     with db.conn:
-        db["devices"].update(device_id, {
-            "last_seen": now,
-            "online": int(bool(state.get("online", True))),
-            "installed_model": installed.get("model"),
-            "installed_version": installed.get("version"),
-            "installed_target": installed.get("target"),
-            "slot": installed.get("slot"),
-        })
-        execution = state.get("execution")
-        if isinstance(execution, dict) and execution.get("state") in STATES and isinstance(execution.get("release"), int):
-            db["executions"].upsert({"device": device_id, "release_id": execution["release"], "state": execution["state"],
-                                     "reason": str(execution.get("reason") or "")[:500], "updated_at": now},
-                                    pk=("device", "release_id"))
+        for device_id, state in reports:
+            if state.get("online") is False:
+                db.execute("update devices set online = 0, last_seen = ? where id = ?", [now, device_id])
+                continue
+            installed = state.get("installed") if isinstance(state.get("installed"), dict) else {}
+            known = db.execute(
+                "update devices set last_seen = ?, online = 1, installed_model = ?, installed_version = ?, "
+                "installed_target = ?, slot = ? where id = ?",
+                [now, *(_text(installed.get(k)) for k in ("model", "version", "target", "slot")), device_id],
+            ).rowcount
+            execution = state.get("execution")
+            if known and isinstance(execution, dict) and execution.get("state") in STATES \
+                    and isinstance(execution.get("release"), int) and not isinstance(execution["release"], bool):
+                db.execute(
+                    "insert into executions (device, release_id, state, reason, updated_at) values (?, ?, ?, ?, ?) "
+                    "on conflict (device, release_id) do update set state = excluded.state, "
+                    "reason = excluded.reason, updated_at = excluded.updated_at",
+                    [device_id, execution["release"], execution["state"], str(execution.get("reason") or "")[:500], now],
+                )
 
 
-def mark_offline(db: sqlite_utils.Database, device_id: str) -> None:
-    if device(db, device_id) is not None:
-        db["devices"].update(device_id, {"online": 0, "last_seen": time.time()})
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)[:200]
 
 
 def _with_execution(db: sqlite_utils.Database, dev: dict[str, Any]) -> dict[str, Any]:

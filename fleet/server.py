@@ -5,7 +5,10 @@ Invariants:
   whenever that changes (a push, an enrollment), so a device that connects later still gets it.
 - Fetches are answered only for TUF metadata and content-addressed targets of the repository
   (`wire.FETCH_PATH`); the device verifies everything it receives, so the fleet need not be trusted
-  for integrity, only for availability.
+  for integrity, only for availability. Targets go out on their broadcast streams (fleet/streams.py).
+- paho's network thread only parses and hands off: state reports are written by one writer thread,
+  a burst in one transaction, and stream blocks are sent by another, so neither a slow disk nor a
+  big release delays answering the next message.
 - A malformed message is logged and dropped; no message can stop the server.
 - Online TUF metadata (snapshot, timestamp) is re-signed before it expires.
 """
@@ -13,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -23,11 +27,13 @@ import paho.mqtt.client as mqtt
 from edgeops.fleet import registry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
 from edgeops.fleet.home import CONFIG, FleetHome
+from edgeops.fleet.streams import Streams
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.1
+MAX_REPORTS_PER_TRANSACTION = 1000
 
 
 @dataclass
@@ -39,23 +45,30 @@ class FleetServer:
         self.db = registry.open_db(self.home.db_path)
         self._db_lock = threading.Lock()
         self._published: dict[str, bytes] = {}
+        self._generation: tuple | None = None  # registry.generation() when desired was last published
         self._targets: dict[str, bytes] = {}
+        self._reports: queue.Queue[tuple[str, dict]] = queue.Queue()
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client = mqttlib.client("edgeops-fleet", self.broker_url,
                                      self.home.config.get("username"), self.home.config.get("password"))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.streams = Streams(self._read, lambda topic, payload: self.client.publish(topic, payload, qos=1))
 
     def start(self) -> "FleetServer":
         self.client.loop_start()
-        self._thread = threading.Thread(target=self._loop, name="edgeops-fleet", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=run, name=f"edgeops-fleet-{name}", daemon=True)
+                         for name, run in (("loop", self._loop), ("reports", self._write_reports),
+                                           ("streams", lambda: self.streams.run(self._stop)))]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         self.client.loop_stop()
         self.client.disconnect()
 
@@ -65,6 +78,7 @@ class FleetServer:
             return
         client.subscribe([(f"{wire.PREFIX}/+/fetch", 1), (f"{wire.PREFIX}/+/state", 1)])
         self._published.clear()  # republish every desired message after a (re)connect
+        self._generation = None
         self.connected.set()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
@@ -73,12 +87,7 @@ class FleetServer:
             if leaf == "fetch":
                 self._answer_fetch(device_id, message.payload)
             elif leaf == "state":
-                state = wire.decode(message.payload, {"device": str})
-                with self._db_lock:
-                    if state.get("online") is False:
-                        registry.mark_offline(self.db, device_id)
-                    else:
-                        registry.record_state(self.db, device_id, state)
+                self._reports.put((device_id, wire.decode(message.payload, {"device": str})))
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
         except Exception:  # a bug must not take the server down; it is logged with its traceback
@@ -88,6 +97,9 @@ class FleetServer:
         request = wire.parse_fetch_request(payload)
         reply_topic = wire.topic(device_id, "blocks")
         try:
+            if "blocks" in request:
+                self.streams.request(request["path"], request["blocks"])
+                return
             data = self._read(request["path"])
         except OSError:
             self.client.publish(reply_topic, wire.error_reply(request["req"], request["path"], "not found"), qos=1)
@@ -105,9 +117,27 @@ class FleetServer:
             self._targets[path] = (self.home.repo / path).read_bytes()
         return self._targets[path]
 
+    def _write_reports(self) -> None:
+        """Store state reports as they come, each burst in one transaction (registry.record_reports)."""
+        while not self._stop.is_set():
+            try:
+                batch = [self._reports.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            while len(batch) < MAX_REPORTS_PER_TRANSACTION and not self._reports.empty():
+                batch.append(self._reports.get_nowait())
+            try:
+                with self._db_lock:
+                    registry.record_reports(self.db, batch)
+            except Exception:  # e.g. disk full: these reports are lost, the next ones retry
+                log.exception("could not store %d device reports", len(batch))
+
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""
         with self._db_lock:
+            generation = registry.generation(self.db)
+            if generation == self._generation:
+                return
             devices = [row["id"] for row in self.db["devices"].rows]
             wanted = {d: registry.desired(self.db, d) for d in devices}
         for device_id, release in wanted.items():
@@ -115,6 +145,7 @@ class FleetServer:
             if self._published.get(device_id) != payload:
                 self.client.publish(wire.topic(device_id, "desired"), payload, qos=1, retain=True)
                 self._published[device_id] = payload
+        self._generation = generation
 
     def _loop(self) -> None:
         next_refresh = 0.0

@@ -169,26 +169,8 @@ def _check_member_name(path: Path, info: zipfile.ZipInfo) -> None:
 def read_bundle(path: str | Path) -> Bundle:
     """Open and fully verify a bundle; raise EdgeopsError saying why it is refused."""
     path = Path(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise EdgeopsError(f"bundle {path} does not exist") from None
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise _refuse(path, f"not a bundle (not a zip file: {exc})") from None
-    with archive:
-        infos = archive.infolist()
-        names = [info.filename for info in infos]
-        for info in infos:
-            _check_member_name(path, info)
-        if len(set(names)) != len(names):
-            raise _refuse(path, "duplicate member names")
-        if MANIFEST not in names:
-            raise _refuse(path, "no manifest.json")
-        try:
-            manifest = json.loads(_read_member(path, archive, archive.getinfo(MANIFEST), MAX_MANIFEST_BYTES))
-        except (ValueError, zipfile.BadZipFile) as exc:
-            raise _refuse(path, f"manifest.json is not valid JSON ({exc})") from None
-        _check_manifest(path, manifest)
+    with _open(path) as archive:
+        names, manifest = _manifest(path, archive)
         members = {}
         for name, expected in manifest["files"].items():
             if name not in names:
@@ -208,6 +190,41 @@ def read_bundle(path: str | Path) -> Bundle:
             raise _refuse(path, f"members not covered by the manifest: {', '.join(sorted(extra))}")
         _check_complete(path, manifest)
     return Bundle(path=path, manifest=manifest, members=members)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A bundle's manifest, checked on its own without inflating the other members: what the bundle
+    claims to be. Only `read_bundle` verifies that the members are what the manifest says."""
+    path = Path(path)
+    with _open(path) as archive:
+        return _manifest(path, archive)[1]
+
+
+def _open(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise EdgeopsError(f"bundle {path} does not exist") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _refuse(path, f"not a bundle (not a zip file: {exc})") from None
+
+
+def _manifest(path: Path, archive: zipfile.ZipFile) -> tuple[list[str], dict[str, Any]]:
+    """(member names, manifest) after checking every member's name and type and the manifest's shape."""
+    infos = archive.infolist()
+    names = [info.filename for info in infos]
+    for info in infos:
+        _check_member_name(path, info)
+    if len(set(names)) != len(names):
+        raise _refuse(path, "duplicate member names")
+    if MANIFEST not in names:
+        raise _refuse(path, "no manifest.json")
+    try:
+        manifest = json.loads(_read_member(path, archive, archive.getinfo(MANIFEST), MAX_MANIFEST_BYTES))
+    except (ValueError, zipfile.BadZipFile) as exc:
+        raise _refuse(path, f"manifest.json is not valid JSON ({exc})") from None
+    _check_manifest(path, manifest)
+    return names, manifest
 
 
 def _check_manifest(path: Path, manifest: Any) -> None:

@@ -2,10 +2,14 @@
 
 Sessions are persistent (clean_session=False) so QoS 1 messages queued at the broker while a client
 was away are delivered when it returns; paho reconnects by itself with exponential backoff.
+Sockets set TCP_NODELAY: MQTT exchanges are small request/answer packets, and Nagle's algorithm
+with delayed ACKs added about 40 ms to each (measured: a fetch round trip went from ~86 ms to ~1 ms
+with Mosquitto's `set_tcp_nodelay true` as well).
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -39,5 +43,11 @@ def client(client_id: str, url: str, username: str | None = None, password: str 
         c.will_set(will[0], will[1], qos=1, retain=True)
     c.reconnect_delay_set(min_delay=1, max_delay=30)
     c.max_inflight_messages_set(100)
+    c.on_socket_open = _no_delay
     c.connect_async(address.host, address.port, keepalive=30)
     return c
+
+
+def _no_delay(client: mqtt.Client, userdata, sock) -> None:
+    if hasattr(sock, "setsockopt"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

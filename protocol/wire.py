@@ -1,8 +1,10 @@
 """The MQTT wire protocol between the fleet and its agents (docs/protocol.md is the reference).
 
-Every topic lives under `edgeops/v1/devices/{device_id}/`, so a broker ACL can confine a device to
-its own subtree. Payloads are UTF-8 JSON objects, except block replies, which carry a JSON header
-line, a newline, then raw bytes (base64 would cost a third more on constrained links).
+A device's topics live under `edgeops/v1/devices/{device_id}/`, so a broker ACL can confine a device
+to its own subtree; the only shared topics are the read-only target streams
+`edgeops/v1/streams/{sha256}`, on which the fleet broadcasts each requested block of a target once,
+whatever the number of devices downloading it. Payloads are UTF-8 JSON objects, except blocks, which
+carry a JSON header line, a newline, then raw bytes (base64 would cost a third more on constrained links).
 
 Invariants: parsing never trusts a payload: anything malformed raises `WireError` with the reason,
 and the caller drops that message and keeps running. Nothing here is security-critical: what a
@@ -11,13 +13,16 @@ device installs is decided by signed TUF metadata, never by these messages alone
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from edgeops.protocol.errors import EdgeopsError
 
 PREFIX = "edgeops/v1/devices"
+STREAMS = "edgeops/v1/streams"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The leaves a device publishes and the ones it subscribes to, under its own id only (the broker ACL).
 DEVICE_PUBLISHES = ("state", "fetch", "telemetry")
@@ -26,6 +31,7 @@ MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
 # What a device may fetch: TUF metadata and content-addressed targets, nothing else.
 FETCH_PATH = re.compile(r"^(metadata/([0-9]+\.)?(root|targets|snapshot|timestamp)\.json|targets/[0-9a-f]{64}\.[A-Za-z0-9._-]{1,200})$")
+TARGET_PATH = re.compile(r"^targets/(?P<sha256>[0-9a-f]{64})\.[A-Za-z0-9._-]{1,200}$")
 
 # Execution states of one device for one release (design.md, Fleet).
 STATES = ("queued", "downloading", "verifying", "installing", "self-test", "active",
@@ -38,6 +44,14 @@ class WireError(EdgeopsError):
 
 def topic(device_id: str, leaf: str) -> str:
     return f"{PREFIX}/{device_id}/{leaf}"
+
+
+def stream_topic(target_path: str) -> str:
+    """The broadcast topic of a content-addressed target (`targets/{sha256}.{name}`)."""
+    match = TARGET_PATH.fullmatch(target_path)
+    if match is None:
+        raise WireError(f"{target_path!r} is not a content-addressed target path")
+    return f"{STREAMS}/{match['sha256']}"
 
 
 def parse_topic(name: str) -> tuple[str, str]:
@@ -73,17 +87,51 @@ def fetch_request(request_id: int, path: str, offset: int, length: int = MAX_BLO
     return encode({"req": request_id, "path": path, "offset": offset, "length": length})
 
 
+def stream_request(request_id: int, path: str, blocks: Iterable[int]) -> bytes:
+    """Ask for blocks of a target on its stream: `want` is a bitmap, bit i (LSB first) = block i."""
+    wanted = sorted(set(blocks))
+    bitmap = bytearray((wanted[-1] // 8 + 1) if wanted else 0)
+    for index in wanted:
+        bitmap[index // 8] |= 1 << (index % 8)
+    return encode({"req": request_id, "path": path, "want": base64.b64encode(bytes(bitmap)).decode()})
+
+
 def parse_fetch_request(payload: bytes) -> dict[str, Any]:
-    message = decode(payload, {"req": int, "path": str, "offset": int, "length": int})
+    """A block request by offset, or (with `want`) a stream request, whose wanted block indices are
+    returned as `blocks`."""
+    message = decode(payload, {"req": int, "path": str})
     if not FETCH_PATH.fullmatch(message["path"]):
         raise WireError(f"path {message['path']!r} is not fetchable")
-    if message["offset"] < 0 or not 0 < message["length"] <= MAX_BLOCK:
-        raise WireError("offset must be >= 0 and length between 1 and 131072")
+    if "want" in message:
+        message["blocks"] = _parse_want(message["path"], message["want"])
+        return message
+    offset, length = message.get("offset"), message.get("length")
+    if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= MAX_BLOCK:
+        raise WireError("offset must be an integer >= 0 and length between 1 and 131072")
     return message
+
+
+def _parse_want(path: str, want: Any) -> list[int]:
+    if not TARGET_PATH.fullmatch(path):
+        raise WireError("only targets are streamed")
+    try:
+        bitmap = base64.b64decode(want, validate=True) if isinstance(want, str) else None
+    except ValueError:
+        bitmap = None
+    if bitmap is None:
+        raise WireError("'want' must be a base64 bitmap")
+    blocks = [i * 8 + bit for i, byte in enumerate(bitmap) if byte for bit in range(8) if byte >> bit & 1]
+    if not blocks:
+        raise WireError("'want' names no block")
+    return blocks
 
 
 def block_reply(request_id: int, path: str, offset: int, total: int, data: bytes) -> bytes:
     return encode({"req": request_id, "path": path, "offset": offset, "total": total}) + b"\n" + data
+
+
+def stream_block(path: str, offset: int, total: int, data: bytes) -> bytes:
+    return encode({"path": path, "offset": offset, "total": total}) + b"\n" + data
 
 
 def error_reply(request_id: int, path: str, error: str) -> bytes:
@@ -92,14 +140,26 @@ def error_reply(request_id: int, path: str, error: str) -> bytes:
 
 def parse_block_reply(payload: bytes) -> tuple[dict[str, Any], bytes]:
     """(header, data); the header has `error` instead of `offset`/`total` when the fetch failed."""
+    return _parse_block(payload, {"req": int, "path": str})
+
+
+def parse_stream_block(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, data) of a block broadcast on a target's stream."""
+    header, data = _parse_block(payload, {"path": str})
+    if "error" in header or header["offset"] % MAX_BLOCK:
+        raise WireError("a stream block starts at a multiple of 131072 and carries no error")
+    return header, data
+
+
+def _parse_block(payload: bytes, required: dict[str, type]) -> tuple[dict[str, Any], bytes]:
     head, sep, data = payload.partition(b"\n")
     if not sep:
-        raise WireError("block reply has no header line")
-    header = decode(head, {"req": int, "path": str})
+        raise WireError("block has no header line")
+    header = decode(head, required)
     if "error" not in header:
         offset, total = header.get("offset"), header.get("total")
         if not isinstance(offset, int) or not isinstance(total, int) or not 0 <= offset <= total:
-            raise WireError("block reply needs integer offset <= total")
+            raise WireError("block needs integer offset <= total")
         if len(data) > MAX_BLOCK or offset + len(data) > total:
-            raise WireError("block reply carries more data than announced")
+            raise WireError("block carries more data than announced")
     return header, data

@@ -51,7 +51,7 @@ def mosquitto_broker(tmp_path: Path):
     binary = mosquitto_binary()
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: _listening(port), "mosquitto to listen", 10)
     return f"mqtt://127.0.0.1:{port}", proc.terminate

@@ -148,13 +148,14 @@ def test_fleet_and_devices_work_with_credentials(fleet, tmp_path, slot_releases)
 def test_device_cannot_publish_under_another_id(fleet):
     observer, intruder = fleet_client(fleet), device_client(fleet, "dev-a")
     try:
-        assert not any(c.is_failure for c in observer.subscribe(f"{wire.PREFIX}/#"))
+        assert not any(c.is_failure for c in observer.subscribe(f"{wire.PREFIX}/#", f"{wire.STREAMS}/#"))
         forged = b'{"device":"dev-b","online":true,"installed":{"version":"6.6.6"}}'
         for leaf in ("state", "fetch", "telemetry", "desired", "blocks"):
             intruder.publish(wire.topic("dev-b", leaf), forged, retain=True)  # acknowledged, then dropped
         for leaf in wire.DEVICE_SUBSCRIBES:  # nor may it write what the fleet sends to itself
             intruder.publish(wire.topic("dev-a", leaf), forged, retain=True)
         intruder.publish("elsewhere/topic", forged)
+        intruder.publish(f"{wire.STREAMS}/{'0' * 64}", forged)  # streams are the fleet's to write
         intruder.publish(wire.topic("dev-a", "state"), b"sentinel")
         wait_for(lambda: observer.received(b"sentinel"), "the device's own state to arrive")
         assert [t for t, p in observer.messages if p == forged] == []

@@ -158,16 +158,19 @@ def make_rig(broker, releases, tmp_path):
 
 # ------------------------------------------------------------------------------ a man in the middle
 
-def intercept(server: FleetServer, rewrite: Callable[[str, dict[str, Any], bytes], bytes | None]) -> None:
-    """Put a man in the middle of the fleet's replies: `rewrite(device, header, data)` may replace a
-    block reply the real server produced (None lets it through unchanged)."""
+def intercept(server: FleetServer, rewrite: Callable[[str | None, dict[str, Any], bytes], bytes | None]) -> None:
+    """Put a man in the middle of the fleet's blocks: `rewrite(device, header, data)` may replace a
+    block the real server produced (None lets it through unchanged); `device` is None for a block
+    broadcast on a target stream, which every device downloading that target receives."""
     publish = server.client.publish
 
     def tampered(topic, payload=None, *args, **kwargs):
-        device_id, leaf = wire.parse_topic(topic)
-        if leaf == "blocks":
+        if topic.startswith(wire.STREAMS + "/"):
+            header, data = wire.parse_stream_block(payload)
+            payload = rewrite(None, header, data) or payload
+        elif wire.parse_topic(topic)[1] == "blocks":
             header, data = wire.parse_block_reply(payload)
-            payload = rewrite(device_id, header, data) or payload
+            payload = rewrite(wire.parse_topic(topic)[0], header, data) or payload
         return publish(topic, payload, *args, **kwargs)
 
     server.client.publish = tampered
@@ -222,14 +225,15 @@ def test_one_byte_flipped_in_transit(make_rig):
         if header["path"].startswith("targets/") and header["offset"] <= middle < header["offset"] + len(data):
             block = bytearray(data)
             block[middle - header["offset"]] ^= 0x80
-            flipped.append(device_id)
+            flipped.append(header["path"])
             return reply(header, bytes(block))
         return None
 
     intercept(rig.server, flip)
-    release = rig.announce("1.1.0", rig.sign("1.1.0"))
+    rows = rig.sign("1.1.0")
+    release = rig.announce("1.1.0", rows)
     rig.refused(release, ("rejected",), "hash-mismatch")
-    assert sorted(set(flipped)) == sorted(DEVICES)
+    assert {path.split(".", 1)[1] for path in flipped} == {row["target"] for row in rows}  # each bundle, in transit
     rig.still_serving("1.0.0")
 
 
@@ -250,7 +254,7 @@ class Recorder:
         address = mqttlib.BrokerAddress.parse(broker_url)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker", clean_session=True,
                                   protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{wire.PREFIX}/#", qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe([(f"{wire.PREFIX}/#", 1), (f"{wire.STREAMS}/#", 1)])
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
         self.client.connect(address.host, address.port)
@@ -272,6 +276,8 @@ def desired_of(recording, release: int) -> dict[str, bytes]:
     """device -> the recorded `desired` message naming `release`."""
     found = {}
     for topic, payload in recording:
+        if topic.startswith(wire.STREAMS):
+            continue
         device_id, leaf = wire.parse_topic(topic)
         if leaf == "desired" and wire.decode(payload, {}).get("release_id") == release:
             found[device_id] = payload
@@ -286,7 +292,7 @@ def test_replayed_release_messages(make_rig, broker):
         recording = recorder.recording()
         rig.push("1.1.0")
         old_desired = desired_of(recording, first)
-        blocks = [(t, p) for t, p in recording if t.endswith("/blocks")]
+        blocks = [(t, p) for t, p in recording if t.endswith("/blocks") or t.startswith(wire.STREAMS)]
         assert sorted(old_desired) == sorted(DEVICES) and blocks
         for device_id, payload in old_desired.items():  # retained, as the fleet published it
             recorder.publish(wire.topic(device_id, "desired"), payload, retain=True)
@@ -312,6 +318,8 @@ def test_replayed_metadata_answers(make_rig, broker):
     rig.push("1.1.0")
     recorded = {}
     for topic, payload in recording:
+        if topic.startswith(wire.STREAMS):
+            continue
         device_id, leaf = wire.parse_topic(topic)
         if leaf == "blocks":
             header, data = wire.parse_block_reply(payload)

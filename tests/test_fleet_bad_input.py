@@ -20,7 +20,12 @@ from fleetkit import PROFILES, broker, releases, wait_for  # noqa: E402,F401  (f
 
 GARBAGE = [b"", b"\xff\xfe not utf-8", b"not json", b"[1, 2, 3]", b'{"req": "x"}', b"{" * 100_000,
            wire.fetch_request(1, "../../etc/passwd", 0), wire.fetch_request(2, "metadata/timestamp.json", -5),
-           wire.fetch_request(3, "metadata/timestamp.json", 0, 10**9)]
+           wire.fetch_request(3, "metadata/timestamp.json", 0, 10**9),
+           # stream requests: not base64, no block, a metadata path, a huge bitmap for a missing target
+           wire.encode({"req": 4, "path": f"targets/{'a' * 64}.x.edgeops", "want": "!!"}),
+           wire.encode({"req": 5, "path": f"targets/{'a' * 64}.x.edgeops", "want": ""}),
+           wire.encode({"req": 6, "path": "metadata/timestamp.json", "want": "AQ=="}),
+           wire.stream_request(7, f"targets/{'a' * 64}.x.edgeops", range(400_000))]
 
 
 def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, releases, tmp_path):
@@ -46,7 +51,7 @@ def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, rele
         db = registry.open_db(home.db_path)
         wait_for(lambda: db["executions"].count_where("release_id = ? and state = 'active'", [release]) == 1,
                  "the fleet to record the install")
-        assert thread.is_alive() and server._thread.is_alive()
+        assert thread.is_alive() and all(t.is_alive() for t in server._threads)
     finally:
         attacker.loop_stop()
         stop.set()

@@ -4,7 +4,8 @@ restarted mid-transfer. After each fault the device converges to the desired rel
 
 Kills are placed by the EDGEOPS_FAILPOINT hooks (agent/transport.py, agent/slots.py), so each one
 lands exactly where it is meant to. A spy on the fleet server's MQTT client records every target
-fetch request it receives and, for the broker restart, slows answering it so a transfer lasts seconds.
+target stream request it receives and, for the broker restart, slows the stream so a transfer lasts
+seconds.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Any
 
 import pytest
 
+from edgeops.agent.partial import PartialDownload
 from edgeops.agent.slots import FAILPOINT_ENV, POINTER
 from edgeops.fleet import registry
 from edgeops.fleet.home import enroll_device, init_fleet, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import build_bundle, bundle_filename, canonical_json, read_bundle
+from edgeops.protocol import wire
 from edgeops.protocol.wire import MAX_BLOCK
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,25 +41,27 @@ INSTALL_FAILPOINTS = [f"{when}:{step}" for step in ("writing", "loading", "self-
 
 
 class FetchSpy:
-    """Wraps the fleet server's message callback: records target fetch requests, delays answers."""
+    """Wraps the fleet server: records the blocks each target stream request asks for, and delays
+    each block the server streams by `delay` seconds."""
 
     def __init__(self, server: FleetServer):
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[list[int]] = []
         self.delay = 0.0
-        inner = server.client.on_message
+        inner, publish = server.client.on_message, server.streams.publish
 
         def on_message(client, userdata, message) -> None:
             if message.topic.endswith("/fetch"):
-                request = json.loads(message.payload)
-                if request["path"].startswith("targets/"):
-                    self.requests.append(request)
-                time.sleep(self.delay)
+                request = wire.parse_fetch_request(message.payload)
+                if "blocks" in request:
+                    self.requests.append(request["blocks"])
             inner(client, userdata, message)
 
-        server.client.on_message = on_message
+        def slow_publish(topic: str, payload: bytes):
+            time.sleep(self.delay)
+            return publish(topic, payload)
 
-    def offsets(self, since: int = 0) -> list[int]:
-        return [r["offset"] for r in self.requests[since:]]
+        server.client.on_message = on_message
+        server.streams.publish = slow_publish
 
 
 class AgentProcess:
@@ -156,22 +161,24 @@ def served_version(device_dir: Path) -> str | None:
 def test_kill_during_download_resumes_where_it_stopped(fleet, digits_bundle, tmp_path):
     bundle = release_bundle(digits_bundle.path, "1.0.0", tmp_path, padding=1_200_000)
     length = bundle.stat().st_size
-    assert length > 6 * MAX_BLOCK
+    blocks = -(-length // MAX_BLOCK)
+    assert blocks > 6
     release = push(fleet.home, [bundle], {})
     sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
 
     fleet.agent("after:block:3").wait_killed()
-    assert part.stat().st_size == 3 * MAX_BLOCK  # every block written was fsync'd before the kill
-    assert fleet.spy.offsets() == [0, MAX_BLOCK, 2 * MAX_BLOCK]
+    kept = PartialDownload(part, length).have  # every block logged was fsync'd before the kill
+    assert 3 <= len(kept) < blocks, kept
+    assert fleet.spy.requests[0] == list(range(blocks))
     before = len(fleet.spy.requests)
 
     agent = fleet.agent()
     wait_active(fleet.home, release, "1.0.0", agent)
-    resumed = fleet.spy.offsets(before)
-    assert resumed[0] == 3 * MAX_BLOCK and min(resumed) == 3 * MAX_BLOCK, resumed
-    assert resumed == sorted(resumed) and resumed[-1] == (length - 1) // MAX_BLOCK * MAX_BLOCK
-    assert not part.exists()
+    resumed = fleet.spy.requests[before:]
+    assert resumed[0] == sorted(set(range(blocks)) - kept), resumed  # asks only for what it lacked
+    assert not any(set(request) & kept for request in resumed)
+    assert not list(part.parent.iterdir())
     assert served_version(fleet.device_dir) == "1.0.0"
 
 
@@ -194,23 +201,22 @@ def test_kill_at_every_install_step_converges(fleet, digits_bundle, tmp_path):
 
 def test_broker_restart_mid_transfer_completes(fleet, digits_bundle, tmp_path):
     bundle = release_bundle(digits_bundle.path, "1.0.0", tmp_path, padding=3_000_000)
-    blocks = -(-bundle.stat().st_size // MAX_BLOCK)
+    length = bundle.stat().st_size
     fleet.spy.delay = 0.1  # ~2.5 s for the whole transfer
     release = push(fleet.home, [bundle], {})
-    downloads = fleet.device_dir / "state" / "downloads"
+    sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
+    part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
     agent = fleet.agent()
 
-    def part_size() -> int:
-        parts = list(downloads.glob("*.part")) if downloads.exists() else []
-        return parts[0].stat().st_size if parts else 0
+    def stored() -> set[int]:
+        return PartialDownload(part, length).have if part.exists() else set()
 
-    wait_for(lambda: part_size() >= 2 * MAX_BLOCK, "the download to start")
+    wait_for(lambda: len(stored()) >= 2, "the download to start")
     fleet.broker.stop()
-    at_stop = part_size()
-    assert at_stop < bundle.stat().st_size, "the transfer finished before the broker stopped; slow it down"
+    at_stop, before = stored(), len(fleet.spy.requests)
+    assert len(at_stop) < -(-length // MAX_BLOCK), "the transfer finished before the broker stopped; slow it down"
     fleet.broker.start()
     wait_active(fleet.home, release, "1.0.0", agent)
-    offsets = fleet.spy.offsets()
-    assert offsets == sorted(offsets) and offsets[0] == 0, offsets  # continued, never restarted from 0
-    assert len(set(offsets)) == blocks
+    after = fleet.spy.requests[before:]
+    assert not any(set(request) & at_stop for request in after), after  # continued, never restarted from 0
     assert served_version(fleet.device_dir) == "1.0.0"
