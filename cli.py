@@ -454,16 +454,59 @@ def agent() -> None:
 
 @agent.command("run")
 @click.argument("device_dir", type=click.Path(path_type=Path))
-def agent_run(device_dir: Path) -> None:
+@click.option("--api", default="127.0.0.1:8421", show_default=True, metavar="HOST:PORT",
+              help="Where to serve the local inference API (port 0: any free port; 'off': none).")
+def agent_run(device_dir: Path, api: str) -> None:
     """Follow the fleet: verify, install and serve the desired release, until interrupted.
+
+    Apps call the active model through the local API (POST /v1/infer, GET /v1/health, GET /v1/model)
+    or `edgeops agent infer`. Every inference, device metrics and drift windows are kept in an
+    outbox and sent to the fleet, also after being offline.
 
     \b
     Example:
       edgeops agent run ./pi-001
+      edgeops agent run ./pi-001 --api 127.0.0.1:0
     """
     from edgeops.agent.service import run_agent
 
-    run_agent(device_dir)
+    run_agent(device_dir, None if api == "off" else api)
+
+
+@agent.command("infer")
+@click.argument("device_dir", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz with one array per model input (or an .npy for a model with one input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the model and every output as JSON.")
+def agent_infer(device_dir: Path, input_path: Path, as_json: bool) -> None:
+    """Run the model a local agent serves on the arrays in --input.
+
+    \b
+    Example:
+      edgeops agent infer ./pi-001 --input sample.npz
+      edgeops agent infer ./pi-001 --input sample.npz --json | jq .outputs
+    """
+    import numpy as np
+
+    from edgeops.agent.api_client import infer
+
+    try:
+        loaded = np.load(input_path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"{input_path} is not a readable .npz or .npy ({exc})")
+    if isinstance(loaded, np.ndarray):  # an .npy: the served model's only input
+        result = infer(device_dir, loaded)
+    else:
+        with loaded:
+            result = infer(device_dir, {name: loaded[name] for name in loaded.files})
+    if as_json:
+        _echo_json({"model": result["model"], "version": result["version"],
+                    "outputs": {k: v.tolist() for k, v in result["outputs"].items()}})
+        return
+    click.echo(f"{result['model']} {result['version']}")
+    for name, value in result["outputs"].items():
+        summary = f"class {value.reshape(-1, value.shape[-1]).argmax(1).tolist()}" if value.ndim >= 2 and value.dtype.kind == "f" else ""
+        click.echo(f"  {name}: {value.dtype} {list(value.shape)} {summary}".rstrip())
 
 
 def _stdout_console():

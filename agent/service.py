@@ -1,4 +1,5 @@
-"""`edgeops agent run DEVICE_DIR`: follow the fleet's desired release, install it safely, report.
+"""`edgeops agent run DEVICE_DIR`: follow the fleet's desired release, install it safely, report,
+serve inference on the active model, and send telemetry.
 
 For each desired release: refresh signed metadata → download the target (resumable) → verify it
 against the metadata → install through the A/B slots (write, load, self-test, switch) → report.
@@ -7,7 +8,9 @@ reason. Invariants:
 - nothing is installed unless the trust store verified it for this device's profile;
 - any failure leaves the previous model active and serving;
 - a release that was rejected or failed is not retried until the fleet names a different one,
-  while transient faults (fleet or broker unreachable) are retried with backoff.
+  while transient faults (fleet or broker unreachable) are retried with backoff;
+- inference is served from the active slot only, and switches to a new model after its install
+  completed (agent/serving.py), so apps never see a model that did not pass its self-test.
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ import json
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeops.agent.metrics import DeviceMetrics
+from edgeops.agent.outbox import DEFAULT_MAX_BYTES, Outbox
 from edgeops.agent.partial import discard
+from edgeops.agent.serving import Serving
 from edgeops.agent.slots import SlotStore
+from edgeops.agent.telemetry import Telemetry
 from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
-from edgeops.protocol.bundle import read_manifest
+from edgeops.protocol.bundle import atomic_write, canonical_json, read_manifest
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,14 @@ class DeviceConfig:
     labels: dict[str, str]
     username: str | None = None  # broker credentials; absent for a broker that allows anonymous clients
     password: str | None = None
+    options: dict[str, Any] | None = None  # device.json "agent": outbox_bytes, metrics_interval_s, drift_window, capture
+
+    def option(self, name: str, default: Any) -> Any:
+        value = (self.options or {}).get(name, default)
+        kinds = (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
+            raise EdgeopsError(f"{self.path / 'device.json'}: agent.{name} must be a {type(default).__name__}")
+        return value
 
     @classmethod
     def load(cls, device_dir: str | Path) -> "DeviceConfig":
@@ -48,7 +64,7 @@ class DeviceConfig:
         try:
             data = json.loads((path / "device.json").read_text())
             return cls(path, data["id"], data["profile"], data["broker"], data.get("labels", {}),
-                       data.get("username"), data.get("password"))
+                       data.get("username"), data.get("password"), data.get("agent") or {})
         except FileNotFoundError:
             raise EdgeopsError(f"{path} has no device.json; create it with `edgeops device enroll`") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -69,6 +85,21 @@ class Agent:
         self._settled: set[tuple[Any, str]] = set()
         self.link = Link(self.config.id, self.config.broker, self._desired.put,
                          self.config.username, self.config.password)
+        outbox = Outbox(state / "outbox.db", self.config.option("outbox_bytes", DEFAULT_MAX_BYTES))
+        self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),
+                                   float(self.config.option("metrics_interval_s", 30.0)))
+        self.link.on_published = self.telemetry.acknowledged
+        self.serving = Serving(self.telemetry.observe)
+
+    def infer(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """Run the active model on `feed` (input name -> array); the call is recorded for the fleet."""
+        return self.serving.infer(feed)[1]
+
+    def _serve_active(self) -> None:
+        try:
+            self.serving.swap(self.slots.active())
+        except EdgeopsError as exc:  # installed and self-tested, yet it does not load now: keep what serves
+            log.error("cannot serve the active model: %s", exc)
 
     def installed(self) -> dict[str, Any] | None:
         active = self.slots.active()
@@ -82,11 +113,36 @@ class Agent:
         self.link.report({"online": True, "profile": self.config.profile, "installed": self.installed(),
                           "execution": execution})
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until `stop` is set: connect, report, and apply each desired release in turn."""
+    def run(self, stop: threading.Event, api: str | None = None) -> None:
+        """Serve until `stop` is set: connect, report, serve inference (on `api` HOST:PORT too, when
+        given), send telemetry, and apply each desired release in turn."""
+        from edgeops.agent.http_api import InferenceServer
+
+        self._serve_active()
+        server = InferenceServer(self.serving, api).start() if api else None
+        if server is not None:
+            atomic_write(self.config.path / "state" / "api.json", canonical_json({"url": server.url}))
+        workers = [threading.Thread(target=self.telemetry.run_recorder, args=(stop,), name="edgeops-recorder", daemon=True),
+                   threading.Thread(target=self.telemetry.run_forwarder, args=(stop, self.link), name="edgeops-forwarder",
+                                    daemon=True)]
+        for worker in workers:
+            worker.start()
         self.link.start()
-        self.link.connected.wait(timeout=30)
+        deadline = time.monotonic() + 30  # report once connected; stop stays responsive meanwhile
+        while not stop.is_set() and not self.link.connected.wait(0.2) and time.monotonic() < deadline:
+            pass
         self.report()
+        try:
+            self._follow(stop)
+        finally:
+            if server is not None:
+                server.stop()
+                (self.config.path / "state" / "api.json").unlink(missing_ok=True)
+            for worker in workers:
+                worker.join(timeout=10)
+            self.link.stop()
+
+    def _follow(self, stop: threading.Event) -> None:
         desired, attempt = None, 0
         while not stop.is_set():
             try:
@@ -102,7 +158,6 @@ class Agent:
             else:  # transient: back off, then retry the same release
                 stop.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)])
                 attempt += 1
-        self.link.stop()
 
     def apply(self, desired: dict[str, Any]) -> bool:
         """Move towards `desired`; True when settled (installed, refused or nothing to do), False to retry."""
@@ -149,6 +204,7 @@ class Agent:
             self.report(release, "failed", str(exc))
             return True
         discard(part)
+        self._serve_active()
         self.report(release, "active")
         return True
 
@@ -174,11 +230,11 @@ class Agent:
             discard(part)
 
 
-def run_agent(device_dir: str | Path) -> None:
-    """Run until interrupted (SIGINT/SIGTERM)."""
+def run_agent(device_dir: str | Path, api: str | None = None) -> None:
+    """Run until interrupted (SIGINT/SIGTERM), with the inference API on `api` (HOST:PORT) if given."""
     import signal
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Agent(device_dir).run(stop)
+    Agent(device_dir).run(stop, api)

@@ -56,6 +56,8 @@ class Link:
         self._subscribe_lock = threading.Lock()
         self._subacks: dict[int, threading.Event] = {}
         self.connected = threading.Event()
+        self.epoch = 0  # connections made so far: a new value means unacknowledged publishes may be lost
+        self.on_published: Callable[[int], None] | None = None  # mid of each acknowledged QoS 1 publish
         offline = wire.encode({"device": device_id, "online": False})
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, username, password,
                                      will=(wire.topic(device_id, "state"), offline))
@@ -63,6 +65,7 @@ class Link:
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     def start(self) -> "Link":
         self.client.loop_start()
@@ -80,7 +83,12 @@ class Link:
         if self._stream_path:  # a session the broker lost: the stream subscription went with it
             topics.append((wire.stream_topic(self._stream_path), 1))
         client.subscribe(topics)
+        self.epoch += 1
         self.connected.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self.on_published is not None:
+            self.on_published(mid)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._subscribe_lock:
@@ -109,6 +117,9 @@ class Link:
         """Publish the device's state (retained, so the fleet sees the latest even after a restart)."""
         self.client.publish(wire.topic(self.device_id, "state"), wire.encode({"device": self.device_id, **state}),
                             qos=1, retain=True)
+
+    def publish_telemetry(self, payload: bytes) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(wire.topic(self.device_id, "telemetry"), payload, qos=1)
 
     def _block(self, path: str, offset: int) -> tuple[int, bytes]:
         """One block at `offset`: (total size, data). Retries on silence; FetchError when it gives up."""

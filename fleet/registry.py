@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
+from edgeops.fleet import telemetry
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.wire import DEVICE_ID, STATES
 
@@ -48,6 +49,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
         {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
         pk=("device", "release_id"), if_not_exists=True,
     )
+    telemetry.create_tables(db)
     return db
 
 

@@ -6,9 +6,12 @@ Invariants:
 - Fetches are answered only for TUF metadata and content-addressed targets of the repository
   (`wire.FETCH_PATH`); the device verifies everything it receives, so the fleet need not be trusted
   for integrity, only for availability. Targets go out on their broadcast streams (fleet/streams.py).
-- paho's network thread only parses and hands off: state reports are written by one writer thread,
-  a burst in one transaction, and stream blocks are sent by another, so neither a slow disk nor a
-  big release delays answering the next message.
+- paho's network thread only parses and hands off: state reports and telemetry are written by one
+  writer thread, a burst in one transaction, and stream blocks are sent by another, so neither a
+  slow disk nor a big release delays answering the next message.
+- Device messages are acknowledged to the broker (manual PUBACK) only after the transaction that
+  stored them committed, so a fleet server killed mid-write gets them again from its persistent
+  session instead of losing them.
 - A malformed message is logged and dropped; no message can stop the server.
 - Online TUF metadata (snapshot, timestamp) is re-signed before it expires.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgeops.fleet import registry, trust
+from edgeops.fleet import registry, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
 from edgeops.fleet.home import CONFIG, FleetHome
 from edgeops.fleet.streams import Streams
@@ -47,11 +50,12 @@ class FleetServer:
         self._published: dict[str, bytes] = {}
         self._generation: tuple | None = None  # registry.generation() when desired was last published
         self._targets: dict[str, bytes] = {}
-        self._reports: queue.Queue[tuple[str, dict]] = queue.Queue()
+        self._reports: queue.Queue[tuple[str, str, dict, int]] = queue.Queue()  # (leaf, device, message, mid)
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client = mqttlib.client("edgeops-fleet", self.broker_url,
                                      self.home.config.get("username"), self.home.config.get("password"))
+        self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.streams = Streams(self._read, lambda topic, payload: self.client.publish(topic, payload, qos=1))
@@ -76,22 +80,29 @@ class FleetServer:
         if reason_code.is_failure:
             log.error("broker refused the fleet: %s", reason_code)
             return
-        client.subscribe([(f"{wire.PREFIX}/+/fetch", 1), (f"{wire.PREFIX}/+/state", 1)])
+        client.subscribe([(f"{wire.PREFIX}/+/{leaf}", 1) for leaf in ("fetch", "state", "telemetry")])
         self._published.clear()  # republish every desired message after a (re)connect
         self._generation = None
         self.connected.set()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        stored = False
         try:
             device_id, leaf = wire.parse_topic(message.topic)
             if leaf == "fetch":
                 self._answer_fetch(device_id, message.payload)
-            elif leaf == "state":
-                self._reports.put((device_id, wire.decode(message.payload, {"device": str})))
+            elif leaf in ("state", "telemetry"):
+                parsed = (wire.parse_telemetry(message.payload) if leaf == "telemetry"
+                          else wire.decode(message.payload, {"device": str}))
+                self._reports.put((leaf, device_id, parsed, message.mid))
+                stored = True  # acknowledged by the writer, after its commit
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
         except Exception:  # a bug must not take the server down; it is logged with its traceback
             log.exception("error handling message on %s", message.topic)
+        finally:
+            if not stored:
+                client.ack(message.mid, message.qos)
 
     def _answer_fetch(self, device_id: str, payload: bytes) -> None:
         request = wire.parse_fetch_request(payload)
@@ -118,7 +129,7 @@ class FleetServer:
         return self._targets[path]
 
     def _write_reports(self) -> None:
-        """Store state reports as they come, each burst in one transaction (registry.record_reports)."""
+        """Store state reports and telemetry as they come, each burst in one transaction per kind."""
         while not self._stop.is_set():
             try:
                 batch = [self._reports.get(timeout=0.5)]
@@ -128,9 +139,13 @@ class FleetServer:
                 batch.append(self._reports.get_nowait())
             try:
                 with self._db_lock:
-                    registry.record_reports(self.db, batch)
-            except Exception:  # e.g. disk full: these reports are lost, the next ones retry
-                log.exception("could not store %d device reports", len(batch))
+                    registry.record_reports(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "state"])
+                    telemetry.ingest(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "telemetry"])
+            except Exception:  # e.g. disk full: unacknowledged, the broker sends them again on reconnection
+                log.exception("could not store %d device messages", len(batch))
+                continue
+            for *_, mid in batch:
+                self.client.ack(mid, 1)
 
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""

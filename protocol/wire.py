@@ -29,6 +29,8 @@ DEVICE_PUBLISHES = ("state", "fetch", "telemetry")
 DEVICE_SUBSCRIBES = ("desired", "blocks")
 MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
+MAX_TELEMETRY_PAYLOAD = 256 * 1024
+TELEMETRY_KINDS = ("inference", "metrics", "drift", "sample")
 # What a device may fetch: TUF metadata and content-addressed targets, nothing else.
 FETCH_PATH = re.compile(r"^(metadata/([0-9]+\.)?(root|targets|snapshot|timestamp)\.json|targets/[0-9a-f]{64}\.[A-Za-z0-9._-]{1,200})$")
 TARGET_PATH = re.compile(r"^targets/(?P<sha256>[0-9a-f]{64})\.[A-Za-z0-9._-]{1,200}$")
@@ -66,10 +68,10 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode(payload: bytes, required: dict[str, type]) -> dict[str, Any]:
+def decode(payload: bytes, required: dict[str, type], limit: int = MAX_JSON_PAYLOAD) -> dict[str, Any]:
     """Parse a JSON object payload and check the required fields' types."""
-    if len(payload) > MAX_JSON_PAYLOAD:
-        raise WireError(f"payload of {len(payload)} bytes is larger than {MAX_JSON_PAYLOAD}")
+    if len(payload) > limit:
+        raise WireError(f"payload of {len(payload)} bytes is larger than {limit}")
     try:
         message = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -80,6 +82,34 @@ def decode(payload: bytes, required: dict[str, type]) -> dict[str, Any]:
         value = message.get(field)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise WireError(f"field '{field}' must be {kind.__name__}")
+    return message
+
+
+def telemetry_batch(device_id: str, records: list[tuple[int, str, float, str]], dropped: int) -> bytes:
+    """A batch of outbox records, (seq, kind, time, JSON body) each; bodies are spliced in as stored."""
+    items = ",".join(f'{{"seq":{seq},"kind":{json.dumps(kind)},"t":{t!r},"body":{body}}}'
+                     for seq, kind, t, body in records)
+    return f'{{"device":{json.dumps(device_id)},"dropped":{int(dropped)},"records":[{items}]}}'.encode()
+
+
+def parse_telemetry(payload: bytes) -> dict[str, Any]:
+    """A telemetry batch; WireError unless every record has a positive integer seq, a known kind, a
+    finite time and an object body."""
+    message = decode(payload, {"device": str, "dropped": int, "records": list}, MAX_TELEMETRY_PAYLOAD)
+    if message["dropped"] < 0:
+        raise WireError("'dropped' must be >= 0")
+    for record in message["records"]:
+        if not isinstance(record, dict):
+            raise WireError("each record must be an object")
+        seq, t = record.get("seq"), record.get("t")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise WireError("each record needs an integer seq >= 1")
+        if record.get("kind") not in TELEMETRY_KINDS:
+            raise WireError(f"record kind must be one of {', '.join(TELEMETRY_KINDS)}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or abs(t) == float("inf"):
+            raise WireError("each record needs a finite time 't'")
+        if not isinstance(record.get("body"), dict):
+            raise WireError("each record needs an object 'body'")
     return message
 
 

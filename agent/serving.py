@@ -1,0 +1,145 @@
+"""The model apps talk to: validated inference on the active model, swapped without dropping a request.
+
+Invariants:
+- `infer` validates the feed against the manifest (names, dtypes, shapes; symbolic dimensions take
+  any size) before the runtime sees it, so a bad request is an InvalidInput with the reason, never
+  a runtime crash;
+- the served model is one reference, replaced in a single assignment by `swap`: a request takes the
+  reference once and finishes on that model, so a swap under live traffic drops nothing, and the
+  old model is freed when its last request returns;
+- every call, served or refused by the runtime, is handed to `observe` (the outbox recorder) after
+  the answer is computed, without waiting on disk: what the device records never slows what it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edgeops.agent import runtime
+from edgeops.agent.slots import ActiveModel
+from edgeops.protocol.errors import EdgeopsError
+
+log = logging.getLogger(__name__)
+
+
+class InvalidInput(EdgeopsError):
+    """The request does not fit the model's inputs (HTTP 400)."""
+
+
+class NoModel(EdgeopsError):
+    """No model is installed yet (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """A loaded model with what is needed to check requests and describe results."""
+
+    manifest: dict[str, Any]
+    model: runtime.Model
+    slot: str
+    inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]]  # name -> (dtype, shape; None = any size)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def classifier_output(self) -> str | None:
+        index = self.manifest.get("classifier_output")
+        outputs = self.manifest.get("outputs") or []
+        return outputs[index]["name"] if isinstance(index, int) and 0 <= index < len(outputs) else None
+
+
+class Observation(NamedTuple):
+    """One inference call as the recorder sees it (a tuple: it is made on every call)."""
+
+    served: Served
+    feed: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray] | None
+    latency_ms: float
+    error: str | None
+    t: float
+
+
+class Serving:
+    def __init__(self, observe: Callable[[Observation], None] | None = None, threads: int = 1):
+        self._served: Served | None = None
+        self._observe = observe
+        self._threads = threads
+
+    @property
+    def served(self) -> Served | None:
+        return self._served
+
+    def swap(self, active: ActiveModel | None) -> None:
+        """Serve `active` (already verified and self-tested by the slot store) from now on."""
+        if active is None:
+            self._served = None
+            return
+        model = runtime.load(active.model_path.read_bytes(), active.manifest, self._threads)
+        inputs = {spec["name"]: (np.dtype(spec["dtype"]), tuple(d if isinstance(d, int) else None for d in spec["shape"]))
+                  for spec in active.manifest["inputs"]}
+        self._served = Served(active.manifest, model, active.slot, inputs)
+        log.info("serving %s %s from slot %s", active.manifest["name"], active.manifest["version"], active.slot)
+
+    def infer(self, feed: Mapping[str, Any]) -> tuple[Served, dict[str, np.ndarray]]:
+        """Run the served model on `feed` (input name -> array); returns the model used and its outputs."""
+        served = self._served  # taken once: a swap during this call does not affect it
+        if served is None:
+            raise NoModel("no model is installed yet; push a release to this device")
+        arrays = validate(feed, served.inputs)
+        start = time.perf_counter()
+        error = outputs = None
+        try:
+            outputs = served.model.run(arrays)
+            return served, outputs
+        except EdgeopsError as exc:
+            error = str(exc)
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(Observation(served, arrays, outputs, (time.perf_counter() - start) * 1000.0,
+                                          error, time.time()))
+
+
+def validate(feed: Mapping[str, Any], inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]]) -> dict[str, np.ndarray]:
+    """The feed as arrays of the model's dtypes; InvalidInput naming the input and the reason.
+
+    `inputs` maps each input name to its dtype and shape (None: a dimension of any size)."""
+    if feed.keys() != inputs.keys():
+        missing, unknown = sorted(inputs.keys() - feed.keys()), sorted(feed.keys() - inputs.keys())
+        raise InvalidInput("; ".join(filter(None, [
+            f"missing input(s) {', '.join(missing)}" if missing else "",
+            f"unknown input(s) {', '.join(map(str, unknown))}" if unknown else ""])) + f" (the model takes {', '.join(inputs)})")
+    arrays = {}
+    for name, (dtype, shape) in inputs.items():
+        value = feed[name]
+        if type(value) is not np.ndarray or value.dtype != dtype:
+            value = _as_array(name, value, dtype)
+        if value.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, value.shape)):
+            raise InvalidInput(f"input {name} has shape {list(value.shape)}, the model takes "
+                               f"{['N' if d is None else d for d in shape]}")
+        if value.size == 0:
+            raise InvalidInput(f"input {name} is empty")
+        arrays[name] = value
+    return arrays
+
+
+def _as_array(name: str, value: Any, dtype: np.dtype) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+            raise InvalidInput(f"input {name} is {value.dtype}, the model takes {dtype}")
+        return value.astype(dtype)
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input {name} is not an array of {dtype} ({exc})") from None

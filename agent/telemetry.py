@@ -1,0 +1,172 @@
+"""What the device tells the fleet about its work: inference records, device metrics and drift
+windows go into the outbox (agent/outbox.py) from a recorder thread, and a forwarder sends the
+outbox to the fleet in QoS 1 batches (docs/protocol.md, `telemetry`).
+
+Invariants:
+- inference never waits for this module: `observe` only enqueues; the recorder turns observations
+  into records and commits them in groups at least every COMMIT_S;
+- a record is deleted from the outbox only when the broker acknowledged the batch that carried it
+  (paho's on_publish for QoS 1 = PUBACK received); anything unacknowledged when the connection drops
+  or the process dies is sent again later, so the fleet may see a record twice and ingests by
+  (device, seq), counting it once;
+- every batch carries the outbox's cumulative `dropped` counter, so the fleet can account exactly
+  for records dropped while the outbox was full.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgeops.agent.metrics import DeviceMetrics
+from edgeops.agent.outbox import Outbox
+from edgeops.agent.serving import Observation
+from edgeops.protocol import wire
+
+log = logging.getLogger(__name__)
+COMMIT_S = 0.05
+BATCH_RECORDS = 500
+BATCH_BYTES = 128 * 1024
+IN_FLIGHT = 4
+ACK_TIMEOUT_S = 30.0
+MAX_LISTED = 64  # per-sample classes/confidences listed in one inference record
+
+
+class Telemetry:
+    def __init__(self, device_id: str, outbox: Outbox, metrics: DeviceMetrics, metrics_interval_s: float = 30.0,
+                 drift: Callable[[Observation], list[dict[str, Any]]] | None = None):
+        """`drift(observation)` returns drift/sample record bodies when a window completes (agent/drift.py)."""
+        self.device_id = device_id
+        self.outbox = outbox
+        self._metrics = metrics
+        self._metrics_interval = metrics_interval_s
+        self._drift = drift
+        self._queue: queue.SimpleQueue[tuple[str, float, dict[str, Any]] | Observation] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, tuple[float, list[int]]] = {}  # mid -> (sent at, seqs)
+        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._sent_up_to = 0
+        self._epoch: int | None = None
+
+    # ---- recording (any thread)
+
+    def observe(self, observation: Observation) -> None:
+        self._queue.put(observation)
+
+    def record(self, kind: str, body: dict[str, Any], t: float | None = None) -> None:
+        self._queue.put((kind, time.time() if t is None else t, body))
+
+    # ---- the recorder thread
+
+    def run_recorder(self, stop: threading.Event) -> None:
+        """Commit queued records every COMMIT_S, and sample device metrics every interval, until `stop`."""
+        next_metrics = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= next_metrics:
+                self.record("metrics", self._metrics.sample())
+                next_metrics = time.monotonic() + self._metrics_interval
+            self.flush()
+            stop.wait(COMMIT_S)
+        self.flush()
+
+    def flush(self) -> int:
+        """Commit everything queued so far; returns how many records were stored."""
+        rows: list[tuple[str, float, str]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                rows.extend(self._records(item))
+            except Exception:  # a record that cannot be summarized must not stop the recorder
+                log.exception("could not record an observation")
+        if rows:
+            try:
+                self.outbox.append(rows)
+            except Exception:  # e.g. disk full: these records are lost, counted in the log only
+                log.exception("could not store %d records in the outbox", len(rows))
+                return 0
+            self._wake.set()
+        return len(rows)
+
+    def _records(self, item: tuple[str, float, dict[str, Any]] | Observation) -> list[tuple[str, float, str]]:
+        if not isinstance(item, Observation):
+            kind, t, body = item
+            return [(kind, t, json.dumps(body, separators=(",", ":")))]
+        served = item.served
+        body: dict[str, Any] = {"model": served.name, "version": served.version,
+                                "latency_ms": round(item.latency_ms, 4), "ok": item.error is None}
+        if item.error is not None:
+            body["error"] = item.error[:300]
+        classifier = served.classifier_output()
+        if item.outputs is not None and classifier in item.outputs:
+            scores = np.asarray(item.outputs[classifier])
+            scores = scores.reshape(-1, scores.shape[-1])[:MAX_LISTED] if scores.ndim else scores.reshape(1, 1)
+            body["samples"] = int(len(scores))
+            body["classes"] = scores.argmax(1).tolist()
+            body["confidences"] = [round(float(c), 4) for c in scores.max(1)]
+        rows = [("inference", item.t, json.dumps(body, separators=(",", ":")))]
+        if self._drift is not None and item.outputs is not None:
+            for extra in self._drift(item):
+                extra = {"model": served.name, "version": served.version, **extra}
+                rows.append((extra.pop("kind"), item.t, json.dumps(extra, separators=(",", ":"))))
+        return rows
+
+    # ---- the forwarder thread
+
+    def run_forwarder(self, stop: threading.Event, link: Any) -> None:
+        """Send the outbox through `link` (agent/transport.Link) until `stop`."""
+        while not stop.is_set():
+            self.forward(link)
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def forward(self, link: Any) -> None:
+        """Publish batches of pending records while fewer than IN_FLIGHT are unacknowledged."""
+        with self._lock:
+            self._forget_acknowledged()
+            if not link.connected.is_set():
+                return
+            if self._epoch != link.epoch or self._stale():
+                # A new connection (or a lost ack): whatever was in flight is sent again from the start.
+                self._epoch, self._in_flight, self._sent_up_to = link.epoch, {}, 0
+            while len(self._in_flight) < IN_FLIGHT:
+                batch = self.outbox.pending(BATCH_RECORDS, self._sent_up_to, BATCH_BYTES)
+                if not batch:
+                    return
+                payload = wire.telemetry_batch(self.device_id, [(r.seq, r.kind, r.t, r.body) for r in batch],
+                                               self.outbox.dropped())
+                info = link.publish_telemetry(payload)
+                if info.rc != 0:
+                    return
+                self._in_flight[info.mid] = (time.monotonic(), [r.seq for r in batch])
+                self._sent_up_to = batch[-1].seq
+
+    def _stale(self) -> bool:
+        oldest = min((sent for sent, _ in self._in_flight.values()), default=None)
+        return oldest is not None and time.monotonic() - oldest > ACK_TIMEOUT_S
+
+    def acknowledged(self, mid: int) -> None:
+        """paho's on_publish: the broker took the batch `mid`. Called on paho's thread while it holds
+        its message lock, so this only queues the mid (taking self._lock here could deadlock with a
+        publish in progress); the forwarder deletes the records."""
+        self._acked.put(mid)
+        self._wake.set()
+
+    def _forget_acknowledged(self) -> None:
+        seqs = []
+        while not self._acked.empty():
+            entry = self._in_flight.pop(self._acked.get_nowait(), None)
+            if entry is not None:
+                seqs.extend(entry[1])
+        if seqs:
+            self.outbox.acknowledge(seqs)

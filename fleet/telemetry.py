@@ -1,0 +1,56 @@
+"""Telemetry ingest: devices' outbox records into the registry, each counted once.
+
+Invariants:
+- a record is stored at most once: (device, seq) is the key and a repeat is ignored, because an
+  agent re-sends what the broker did not acknowledge to it (agent/telemetry.py);
+- a batch from a device that is not enrolled, or that names another device than its topic, is
+  dropped whole: the topic is what the broker ACL vouches for;
+- `telemetry_devices.dropped` is the highest cumulative drop count a device reported, so
+  received + dropped accounts for every record a device ever made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import sqlite_utils
+
+
+def create_tables(db: sqlite_utils.Database) -> None:
+    db.execute("create table if not exists telemetry (device text not null, seq integer not null, kind text not null, "
+               "t real not null, model text, version text, body text not null, received_at real not null, "
+               "primary key (device, seq))")
+    db.execute("create index if not exists telemetry_by_model on telemetry (model, version, kind, t)")
+    db.execute("create table if not exists telemetry_devices (device text primary key, dropped integer not null default 0, "
+               "received integer not null default 0)")
+
+
+def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]]) -> int:
+    """Store (topic device id, parsed telemetry batch) pairs in one transaction; returns new records."""
+    now, new = time.time(), 0
+    with db.conn:
+        for device_id, batch in batches:
+            if batch["device"] != device_id or not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
+                continue
+            rows = [(device_id, r["seq"], r["kind"], r["t"], _text(r["body"].get("model")), _text(r["body"].get("version")),
+                     json.dumps(r["body"], separators=(",", ":")), now) for r in batch["records"]]
+            before = db.conn.total_changes
+            db.conn.executemany("insert or ignore into telemetry values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            added = db.conn.total_changes - before
+            new += added
+            db.execute("insert into telemetry_devices (device, dropped, received) values (?, ?, ?) on conflict (device) do "
+                       "update set dropped = max(dropped, excluded.dropped), received = received + excluded.received",
+                       [device_id, batch["dropped"], added])
+    return new
+
+
+def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:
+    """Records received and dropped (by the device's full outbox) for one device."""
+    row = db.execute("select received, dropped from telemetry_devices where device = ?", [device_id]).fetchone()
+    return {"received": row[0], "dropped": row[1]} if row else {"received": 0, "dropped": 0}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
