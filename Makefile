@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
 
-.PHONY: demo test bench bench-fanout clean mosquitto
+.PHONY: demo test bench bench-fanout bench-agent clean mosquitto
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/edgeops demo
@@ -25,6 +25,9 @@ bench: $(VENV)/.dev
 
 bench-fanout: $(VENV)/.dev mosquitto
 	$(VENV)/bin/python bench/fanout_bench.py
+
+bench-agent: $(VENV)/.dev
+	$(VENV)/bin/python bench/agent_bench.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
