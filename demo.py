@@ -3,7 +3,8 @@
 Train a real model (an MLP on scikit-learn's bundled digits), build it for two boards whose
 profiles differ and compare what each got; then start the embedded broker and a fleet, enroll
 simulated agents on both profiles, push the release, and show every agent verify and install the
-bundle built for its own board.
+bundle built for its own board. Then apps send traffic (real held-out digits), the broker goes down
+while they keep going, and the records buffered in the agents' outboxes arrive once it is back.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +34,7 @@ from edgeops.fleet.views import render_status
 # Jetson whose GPU runs half precision.
 PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
 AGENTS_PER_PROFILE = 3
+CALLS_PER_AGENT = 40  # inference calls per agent in each traffic round
 DEMO_FOLDERS = ("model", "bundles", "fleet", "devices")
 DELIVERY_TIMEOUT_S = 120
 
@@ -53,14 +57,18 @@ def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
                                    outdir=workdir / "bundles")
             reports.append(build(request, progress=lambda message, p=profile: status.update(f"{p}: {message}")))
     console.print(comparison(reports))
-    status = deliver(workdir, [Path(r["bundle"]) for r in reports], console)
+    samples = dict(np.load(example.eval))
+    samples.pop("labels")
+    status = deliver(workdir, [Path(r["bundle"]) for r in reports], samples, console)
     render_status(status, console)
     return reports
 
 
-def deliver(workdir: Path, bundles: list[Path], console: Console) -> dict[str, Any]:
-    """Fleet + embedded broker + simulated agents in this process; push and wait until all are active."""
-    broker = EmbeddedBroker("127.0.0.1", _free_port()).start()
+def deliver(workdir: Path, bundles: list[Path], samples: dict[str, np.ndarray], console: Console) -> dict[str, Any]:
+    """Fleet + embedded broker + simulated agents in this process: push and wait until all are
+    active, then traffic, an outage with more traffic, and the buffered telemetry arriving after it."""
+    port = _free_port()
+    broker = EmbeddedBroker("127.0.0.1", port).start()
     home = init_fleet(workdir / "fleet", broker.url)
     devices = {f"{profile}-{n}": profile for profile in PROFILES for n in range(1, AGENTS_PER_PROFILE + 1)}
     for device_id, profile in devices.items():
@@ -82,6 +90,18 @@ def deliver(workdir: Path, bundles: list[Path], console: Console) -> dict[str, A
                 if active == len(agents):
                     break
                 time.sleep(0.2)
+        traffic(agents, samples)
+        _wait_for_records(db, len(agents) * CALLS_PER_AGENT, console, "inference records reaching the fleet")
+        console.print(f"{len(agents)} agents served {len(agents) * CALLS_PER_AGENT} inferences; the fleet has their records")
+        broker.stop()
+        traffic(agents, samples)
+        for agent in agents:
+            agent.telemetry.flush()  # what the recorder thread does every 50 ms
+        console.print(f"broker down: {len(agents) * CALLS_PER_AGENT} more inferences served and kept in the agents' outboxes "
+                      f"({sum(a.telemetry.outbox.count() for a in agents)} records waiting)")
+        broker = EmbeddedBroker("127.0.0.1", port).start()
+        _wait_for_records(db, 2 * len(agents) * CALLS_PER_AGENT, console, "the buffered records after the outage")
+        console.print("broker back: every record made during the outage arrived, none twice")
         return registry.status(db)
     finally:
         stop.set()
@@ -89,6 +109,25 @@ def deliver(workdir: Path, bundles: list[Path], console: Console) -> dict[str, A
             thread.join(timeout=10)
         server.stop()
         broker.stop()
+
+
+def traffic(agents: list[Agent], samples: dict[str, np.ndarray]) -> None:
+    """Each agent classifies CALLS_PER_AGENT real held-out digits, one call each, as an app would."""
+    for agent in agents:
+        for i in range(CALLS_PER_AGENT):
+            agent.infer({name: values[i : i + 1] for name, values in samples.items()})
+
+
+def _wait_for_records(db, expected: int, console: Console, what: str) -> None:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    with console.status(f"waiting for {what}") as progress:
+        while time.monotonic() < deadline:
+            got = db.execute("select count(*) from telemetry where kind = 'inference'").fetchone()[0]
+            progress.update(f"{what}: {got}/{expected}")
+            if got >= expected:
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"only {got} of {expected} inference records reached the fleet")
 
 
 def _free_port() -> int:

@@ -167,8 +167,11 @@ def _with_execution(db: sqlite_utils.Database, dev: dict[str, Any]) -> dict[str,
 
 
 def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every device, by id, with its latest execution (None before its first report)."""
-    return [_with_execution(db, _device_row(row)) for row in db["devices"].rows_where(order_by="id")]
+    """Every device, by id, with its latest execution (None before its first report) and a summary
+    of its telemetry (None before any arrived)."""
+    summaries = telemetry.device_summaries(db)
+    return [{**_with_execution(db, _device_row(row)), "telemetry": summaries.get(row["id"])}
+            for row in db["devices"].rows_where(order_by="id")]
 
 
 def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:

@@ -52,5 +52,23 @@ def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:
     return {"received": row[0], "dropped": row[1]} if row else {"received": 0, "dropped": 0}
 
 
+def device_summaries(db: sqlite_utils.Database, window: int = 1000) -> dict[str, dict[str, Any]]:
+    """Per device: records received and dropped, and over its last `window` inference records the
+    calls, errors and p95 latency; plus its latest metrics sample."""
+    summaries = {row["device"]: {"received": row["received"], "dropped": row["dropped"]}
+                 for row in db.query("select device, received, dropped from telemetry_devices")}
+    for device_id, summary in summaries.items():
+        rows = db.execute("select json_extract(body, '$.latency_ms'), json_extract(body, '$.ok') from telemetry "
+                          "where device = ? and kind = 'inference' order by seq desc limit ?", [device_id, window]).fetchall()
+        latencies = sorted(r[0] for r in rows if isinstance(r[0], (int, float)))
+        summary["inferences"] = len(rows)
+        summary["errors"] = sum(1 for r in rows if not r[1])
+        summary["p95_ms"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
+        latest = db.execute("select body from telemetry where device = ? and kind = 'metrics' order by seq desc limit 1",
+                            [device_id]).fetchone()
+        summary["metrics"] = json.loads(latest[0]) if latest else None
+    return summaries
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None

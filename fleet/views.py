@@ -19,16 +19,18 @@ def _ago(timestamp: float | None) -> str:
 def render_status(data: dict[str, Any], console: Console) -> None:
     devices = Table(title="devices")
     devices.add_column("device", no_wrap=True)
-    for column in ("profile", "labels", "installed", "execution", "last seen", "online"):
+    for column in ("profile", "installed", "execution", "seen", "online", "calls", "errors", "p95 ms", "dropped"):
         devices.add_column(column)
     for d in data["devices"]:
         execution = d["execution"]
-        state = f"release {execution['release_id']}: {execution['state']}" if execution else "-"
+        state = f"r{execution['release_id']} {execution['state']}" if execution else "-"
         if execution and execution["reason"]:
             state += f" ({execution['reason']})"
         installed = f"{d['installed_model']} {d['installed_version']}" if d["installed_version"] else "-"
-        labels = ",".join(f"{k}={v}" for k, v in d["labels"].items())
-        devices.add_row(d["id"], d["profile"], labels, installed, state, _ago(d["last_seen"]), "yes" if d["online"] else "no")
+        t = d.get("telemetry") or {}
+        p95 = f"{t['p95_ms']:.2f}" if t.get("p95_ms") is not None else "-"
+        devices.add_row(d["id"], d["profile"], installed, state, _ago(d["last_seen"]), "yes" if d["online"] else "no",
+                        str(t.get("inferences", "-")), str(t.get("errors", "-")), p95, str(t.get("dropped", "-")))
     console.print(devices)
     releases = Table(title="releases")
     for column in ("id", "model", "version", "selector", "bundles"):
