@@ -63,6 +63,16 @@ _SCHEMAS: dict[str, Any] = {
         "installed_target": _NULLABLE_STRING,
         "slot": _NULLABLE_STRING,
         "execution": {"anyOf": [_ref("Execution"), {"type": "null"}], "description": "The latest execution."},
+        "telemetry": {"anyOf": [_ref("DeviceTelemetry"), {"type": "null"}],
+                      "description": "What the device's telemetry says; null before any arrived."},
+    }),
+    "DeviceTelemetry": _object({
+        "received": {"type": "integer", "description": "Records received from the device (each counted once)."},
+        "dropped": {"type": "integer", "description": "Records the device dropped because its outbox was full."},
+        "inferences": {"type": "integer", "description": "Inference records among its latest 1000 records of that kind."},
+        "errors": {"type": "integer", "description": "Failed inferences among those."},
+        "p95_ms": {"type": ["number", "null"], "description": "95th percentile runtime latency over those."},
+        "metrics": {"type": ["object", "null"], "description": "Its latest device metrics sample (docs/protocol.md)."},
     }),
     "DesiredRelease": _object({
         "release_id": {"type": "integer"},

@@ -177,7 +177,10 @@ def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
 def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
     """One device as in `devices()`, plus the release it should run (`desired`, None if no release matches)."""
     dev = device(db, device_id)
-    return None if dev is None else {**_with_execution(db, dev), "desired": desired(db, device_id)}
+    if dev is None:
+        return None
+    return {**_with_execution(db, dev), "telemetry": telemetry.device_summaries(db, device_id).get(device_id),
+            "desired": desired(db, device_id)}
 
 
 def releases(db: sqlite_utils.Database) -> list[dict[str, Any]]:

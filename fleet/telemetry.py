@@ -52,11 +52,12 @@ def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:
     return {"received": row[0], "dropped": row[1]} if row else {"received": 0, "dropped": 0}
 
 
-def device_summaries(db: sqlite_utils.Database, window: int = 1000) -> dict[str, dict[str, Any]]:
-    """Per device: records received and dropped, and over its last `window` inference records the
-    calls, errors and p95 latency; plus its latest metrics sample."""
+def device_summaries(db: sqlite_utils.Database, only: str | None = None, window: int = 1000) -> dict[str, dict[str, Any]]:
+    """Per device (or just `only`): records received and dropped, and over its last `window`
+    inference records the calls, errors and p95 latency; plus its latest metrics sample."""
+    where, args = ("where device = ?", [only]) if only is not None else ("", [])
     summaries = {row["device"]: {"received": row["received"], "dropped": row["dropped"]}
-                 for row in db.query("select device, received, dropped from telemetry_devices")}
+                 for row in db.query(f"select device, received, dropped from telemetry_devices {where}", args)}
     for device_id, summary in summaries.items():
         rows = db.execute("select json_extract(body, '$.latency_ms'), json_extract(body, '$.ok') from telemetry "
                           "where device = ? and kind = 'inference' order by seq desc limit ?", [device_id, window]).fetchall()

@@ -6,7 +6,9 @@ import io
 
 from rich.console import Console
 
-from edgeops.demo import AGENTS_PER_PROFILE, PROFILES, run_demo
+from edgeops.demo import AGENTS_PER_PROFILE, CALLS_PER_AGENT, PROFILES, run_demo
+from edgeops.fleet import registry
+from edgeops.fleet.home import FleetHome
 from edgeops.protocol.bundle import read_bundle
 
 
@@ -19,6 +21,11 @@ def test_demo_builds_for_two_boards_and_every_agent_installs_its_own(tmp_path):
         assert report["quality"]["drop"] <= report["quality"]["max_drop"]
     text = out.getvalue()
     assert "one model, two boards" in text
-    assert text.count("release 1: active") == AGENTS_PER_PROFILE * len(PROFILES)
+    agents = AGENTS_PER_PROFILE * len(PROFILES)
+    assert text.count("r1 active") == agents
+    assert "every record made during the outage arrived" in text
     for device_dir in (tmp_path / "devices").iterdir():
         assert (device_dir / "state" / "current").exists()
+    db = registry.open_db(FleetHome.open(tmp_path / "fleet").db_path)
+    per_device = dict(db.execute("select device, count(*) from telemetry where kind = 'inference' group by device").fetchall())
+    assert per_device == {d.name: 2 * CALLS_PER_AGENT for d in (tmp_path / "devices").iterdir()}  # before + during the outage
