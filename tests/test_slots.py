@@ -259,8 +259,8 @@ def test_selftest_feeds_golden_inputs_as_the_manifest_says(x_shape, s_shape, bat
 
 def test_load_refuses_runtimes_it_does_not_have(slot_releases):
     real = read_bundle(slot_releases.v1)
-    with pytest.raises(EdgeopsError, match="runtime 'litert'.*it has: onnxruntime"):
-        runtime.load(real.model_bytes, dict(real.manifest, runtime={"name": "litert"}))
+    with pytest.raises(EdgeopsError, match="runtime 'tensorrt'.*it has: litert, onnxruntime, tflite-runtime"):
+        runtime.load(real.model_bytes, dict(real.manifest, runtime={"name": "tensorrt"}))
     with pytest.raises(EdgeopsError, match="needs onnxruntime >= 99.0"):
         runtime.load(real.model_bytes, dict(real.manifest, runtime={"name": "onnxruntime", "min_version": "99.0"}))
     with pytest.raises(EdgeopsError, match="onnxruntime cannot load"):
