@@ -194,7 +194,12 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("-o", "--output", "workdir", default="demo-out", show_default=True, type=click.Path(path_type=Path), help="Working folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 def demo(workdir: Path, as_json: bool) -> None:
-    """Train a real model and build it for two hardware profiles, side by side.
+    """The whole product in a minute, on its embedded defaults, with nothing to set up.
+
+    Trains a real model and builds it for two hardware profiles, side by side; starts the embedded
+    broker, a fleet and six simulated agents; pushes the release; sends traffic, takes the broker
+    down and shows the buffered telemetry arriving after it; dims one device's camera and shows
+    the fleet flag that model for retraining, then exports the captured samples.
 
     \b
     Example:
@@ -247,7 +252,9 @@ def fleet_init(directory: Path, broker: str) -> None:
 @click.option("--broker", help="External broker (mqtt://HOST:PORT); default: start the embedded one.")
 @click.option("--http", "http", default="127.0.0.1:8420", show_default=True,
               help="HOST:PORT of the operators' HTTP JSON API (token: api_token in DIRECTORY/fleet.json).")
-def fleet_serve(directory: Path, broker: str | None, http: str) -> None:
+@click.option("--on-drift", metavar="CMD", help="Shell command run once for each model version flagged "
+              "'retraining recommended', with EDGEOPS_MODEL, EDGEOPS_VERSION and EDGEOPS_FLEET set.")
+def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None) -> None:
     """Deliver releases to devices and collect their state, and serve the operators' HTTP API, until interrupted.
 
     The API (OpenAPI description at /v1/openapi.json) backs `push` and `status` with --fleet URL.
@@ -256,10 +263,11 @@ def fleet_serve(directory: Path, broker: str | None, http: str) -> None:
     Examples:
       edgeops fleet serve ./fleet
       edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --http 0.0.0.0:8420
+      edgeops fleet serve ./fleet --on-drift 'edgeops drift export --fleet ./fleet --model "$EDGEOPS_MODEL" -o ./retrain'
     """
     from edgeops.fleet.server import serve
 
-    serve(directory, broker, http)
+    serve(directory, broker, http, on_drift)
 
 
 @fleet.command("mosquitto-config")
@@ -354,17 +362,26 @@ def device() -> None:
 @click.option("--label", "labels", multiple=True, help="key=value, repeatable; releases select devices by label.")
 @click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Device directory to write.")
-def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_dir: Path, out: Path) -> None:
+@click.option("--capture", type=click.IntRange(0), default=0, show_default=True,
+              help="Input samples the agent captures per drift window, for `edgeops drift export` (0: none).")
+@click.option("--drift-window", type=click.IntRange(1), default=500, show_default=True,
+              help="Samples per drift window the agent tests against the bundle's reference.")
+@click.option("--outbox-mb", type=click.IntRange(1), default=16, show_default=True,
+              help="Bound of the agent's telemetry outbox; the oldest records go (counted) when full.")
+def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_dir: Path, out: Path, capture: int,
+                  drift_window: int, outbox_mb: int) -> None:
     """Register a device and write its configuration and pinned root of trust.
 
     \b
-    Example:
+    Examples:
       edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet ./fleet -o ./pi-001
+      edgeops device enroll cam-7 --profile jetson-orin-nano --capture 16 --fleet ./fleet -o ./cam-7
     """
     from edgeops.fleet.home import FleetHome, enroll_device
     from edgeops.fleet.registry import parse_labels
 
-    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out)
+    settings = {"capture": capture, "drift_window": drift_window, "outbox_bytes": outbox_mb * 2**20}
+    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out, settings)
     click.echo(f"enrolled {device_id}; on the device run: edgeops agent run {out}")
 
 
@@ -440,6 +457,76 @@ def status(fleet_at: str, token: str | None, as_json: bool) -> None:
     from edgeops.fleet.views import render_status
 
     render_status(data, _stdout_console())
+
+
+@cli.group()
+def drift() -> None:
+    """Data drift the devices report, and datasets to retrain on.
+
+    \b
+    Examples:
+      edgeops drift report --fleet ./fleet
+      edgeops drift export --fleet ./fleet --model digits -o ./retrain
+    """
+
+
+@drift.command("report")
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@click.option("--model", help="Only this model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (merged counts, tests, every device).")
+def drift_report(fleet_at: str, token: str | None, model: str | None, as_json: bool) -> None:
+    """Drift per model version, merged over its devices, and which need retraining.
+
+    \b
+    Examples:
+      edgeops drift report --fleet ./fleet
+      edgeops drift report --fleet http://127.0.0.1:8420 --model digits --json
+    """
+    from edgeops.fleet import client
+
+    if client.is_url(fleet_at):
+        data = client.drift(fleet_at, token, model)
+    else:
+        from edgeops.fleet.drift import report
+        from edgeops.fleet.home import FleetHome
+        from edgeops.fleet.registry import open_db
+
+        data = report(open_db(FleetHome.open(fleet_at).db_path), model)
+    if as_json:
+        _echo_json(data)
+        return
+    from edgeops.fleet.views import render_drift
+
+    render_drift(data, _stdout_console())
+
+
+@drift.command("export")
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--model", required=True, help="Model name.")
+@click.option("--version", help="Model version (default: the newest one with captured samples).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write into.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def drift_export(fleet_dir: Path, model: str, version: str | None, out: Path, as_json: bool) -> None:
+    """Write a retraining dataset: the samples devices captured (samples.npz) and the merged drift
+    summaries (summaries.json).
+
+    Devices capture samples when their device.json has "agent": {"capture": N}.
+
+    \b
+    Example:
+      edgeops drift export --fleet ./fleet --model digits -o ./retrain
+    """
+    from edgeops.fleet.drift import export
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.registry import open_db
+
+    written = export(open_db(FleetHome.open(fleet_dir).db_path), model, version, out)
+    if as_json:
+        _echo_json(written)
+    else:
+        click.echo(f"{model} {written['version']} ({written['status']}): {written['samples']} samples -> "
+                   f"{', '.join(written['files'])}")
 
 
 @cli.group()

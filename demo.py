@@ -5,10 +5,13 @@ profiles differ and compare what each got; then start the embedded broker and a 
 simulated agents on both profiles, push the release, and show every agent verify and install the
 bundle built for its own board. Then apps send traffic (real held-out digits), the broker goes down
 while they keep going, and the records buffered in the agents' outboxes arrive once it is back.
+Last, one device's inputs get dimmer: its drift windows alarm, the fleet flags the model version
+"retraining recommended", and the samples the devices captured are exported for retraining.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import threading
@@ -25,16 +28,22 @@ from edgeops.agent.service import Agent
 from edgeops.compiler.build import BuildRequest, build
 from edgeops.examples import train_digits_mlp
 from edgeops.fleet import registry
+from edgeops.fleet.drift import export
+from edgeops.fleet.drift import report as drift_report
 from edgeops.fleet.broker import EmbeddedBroker
 from edgeops.fleet.home import enroll_device, init_fleet, push
 from edgeops.fleet.server import FleetServer
-from edgeops.fleet.views import render_status
+from edgeops.fleet.views import render_drift, render_status
 
 # Two boards that want different things: int8 on a 512 MB Pi with an older onnxruntime, fp16 on a
 # Jetson whose GPU runs half precision.
 PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
 AGENTS_PER_PROFILE = 3
 CALLS_PER_AGENT = 40  # inference calls per agent in each traffic round
+# Short drift windows so the demo sees several; devices capture a few samples per window for retraining.
+AGENT_SETTINGS = {"drift_window": 100, "capture": 8, "metrics_interval_s": 5.0}
+DRIFT_BATCHES, DRIFT_BATCH = 15, 20  # per agent: 300 samples in the drift round, 3 windows
+DIMMED = "rpi-zero2w-3"  # the device whose camera gets dimmer in the drift round
 DEMO_FOLDERS = ("model", "bundles", "fleet", "devices")
 DELIVERY_TIMEOUT_S = 120
 
@@ -68,11 +77,15 @@ def deliver(workdir: Path, bundles: list[Path], samples: dict[str, np.ndarray], 
     """Fleet + embedded broker + simulated agents in this process: push and wait until all are
     active, then traffic, an outage with more traffic, and the buffered telemetry arriving after it."""
     port = _free_port()
+    # amqtt logs tracebacks of its own races when many clients reconnect at once after the outage;
+    # the clients retry and the demo checks every record arrived, so keep its output readable.
+    for noisy in ("amqtt", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     broker = EmbeddedBroker("127.0.0.1", port).start()
     home = init_fleet(workdir / "fleet", broker.url)
     devices = {f"{profile}-{n}": profile for profile in PROFILES for n in range(1, AGENTS_PER_PROFILE + 1)}
     for device_id, profile in devices.items():
-        enroll_device(home, device_id, profile, {"site": "demo"}, workdir / "devices" / device_id)
+        enroll_device(home, device_id, profile, {"site": "demo"}, workdir / "devices" / device_id, AGENT_SETTINGS)
     server = FleetServer(home, broker.url).start()
     stop = threading.Event()
     agents = [Agent(workdir / "devices" / device_id) for device_id in devices]
@@ -102,6 +115,11 @@ def deliver(workdir: Path, bundles: list[Path], samples: dict[str, np.ndarray], 
         broker = EmbeddedBroker("127.0.0.1", port).start()
         _wait_for_records(db, 2 * len(agents) * CALLS_PER_AGENT, console, "the buffered records after the outage")
         console.print("broker back: every record made during the outage arrived, none twice")
+        drift_round(agents, samples)
+        report = _wait_for_flag(db, console)
+        render_drift(report, console)
+        written = export(db, report["versions"][0]["model"], None, workdir / "retrain")
+        console.print(f"retraining dataset: {written['samples']} captured samples in {workdir / 'retrain'}")
         return registry.status(db)
     finally:
         stop.set()
@@ -116,6 +134,31 @@ def traffic(agents: list[Agent], samples: dict[str, np.ndarray]) -> None:
     for agent in agents:
         for i in range(CALLS_PER_AGENT):
             agent.infer({name: values[i : i + 1] for name, values in samples.items()})
+
+
+def drift_round(agents: list[Agent], samples: dict[str, np.ndarray]) -> None:
+    """Every agent classifies more held-out digits in batches; on DIMMED the pixels come in at half
+    brightness, as from a camera whose exposure changed."""
+    rng = np.random.default_rng(7)
+    for agent in agents:
+        for _ in range(DRIFT_BATCHES):
+            picks = rng.integers(0, len(next(iter(samples.values()))), DRIFT_BATCH)
+            batch = {name: values[picks] * (0.5 if agent.config.id == DIMMED else 1.0) for name, values in samples.items()}
+            agent.infer(batch)
+
+
+def _wait_for_flag(db, console: Console) -> dict[str, Any]:
+    """The drift report once the fleet has every device's drift windows and has flagged the dimmed one."""
+    expected = len(list(db.query("select id from devices"))) * DRIFT_BATCHES * DRIFT_BATCH // AGENT_SETTINGS["drift_window"]
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    with console.status("waiting for the drift windows") as progress:
+        while time.monotonic() < deadline:
+            windows = db.execute("select count(*) from telemetry where kind = 'drift'").fetchone()[0]
+            progress.update(f"drift windows at the fleet: {windows}/{expected}")
+            if windows >= expected:
+                return drift_report(db)
+            time.sleep(0.2)
+    raise TimeoutError(f"only {windows} of {expected} drift windows reached the fleet")
 
 
 def _wait_for_records(db, expected: int, console: Console, what: str) -> None:

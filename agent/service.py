@@ -87,7 +87,8 @@ class Agent:
                          self.config.username, self.config.password)
         outbox = Outbox(state / "outbox.db", self.config.option("outbox_bytes", DEFAULT_MAX_BYTES))
         self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),
-                                   float(self.config.option("metrics_interval_s", 30.0)))
+                                   float(self.config.option("metrics_interval_s", 30.0)),
+                                   self.config.option("drift_window", 500), self.config.option("capture", 0))
         self.link.on_published = self.telemetry.acknowledged
         self.serving = Serving(self.telemetry.observe)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgeops.agent import runtime
 from edgeops.agent.slots import ActiveModel
+from edgeops.protocol.bundle import read_bundle
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Served:
     model: runtime.Model
     slot: str
     inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]]  # name -> (dtype, shape; None = any size)
+    reference: dict[str, Any] | None = None  # the bundle's drift baseline (reference.json)
 
     @property
     def name(self) -> str:
@@ -86,9 +88,10 @@ class Serving:
             self._served = None
             return
         model = runtime.load(active.model_path.read_bytes(), active.manifest, self._threads)
+        reference = read_bundle(active.path).reference()
         inputs = {spec["name"]: (np.dtype(spec["dtype"]), tuple(d if isinstance(d, int) else None for d in spec["shape"]))
                   for spec in active.manifest["inputs"]}
-        self._served = Served(active.manifest, model, active.slot, inputs)
+        self._served = Served(active.manifest, model, active.slot, inputs, reference)
         log.info("serving %s %s from slot %s", active.manifest["name"], active.manifest["version"], active.slot)
 
     def infer(self, feed: Mapping[str, Any]) -> tuple[Served, dict[str, np.ndarray]]:

@@ -20,15 +20,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from edgeops.agent.drift import DriftMonitor, sample_record
 from edgeops.agent.metrics import DeviceMetrics
 from edgeops.agent.outbox import Outbox
 from edgeops.agent.serving import Observation
 from edgeops.protocol import wire
+from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
 COMMIT_S = 0.05
@@ -41,13 +42,15 @@ MAX_LISTED = 64  # per-sample classes/confidences listed in one inference record
 
 class Telemetry:
     def __init__(self, device_id: str, outbox: Outbox, metrics: DeviceMetrics, metrics_interval_s: float = 30.0,
-                 drift: Callable[[Observation], list[dict[str, Any]]] | None = None):
-        """`drift(observation)` returns drift/sample record bodies when a window completes (agent/drift.py)."""
+                 drift_window: int = 500, capture: int = 0):
+        """Drift is tracked per served model in windows of `drift_window` samples (agent/drift.py);
+        with `capture` > 0, up to that many input samples per window are sent for retraining."""
         self.device_id = device_id
         self.outbox = outbox
         self._metrics = metrics
         self._metrics_interval = metrics_interval_s
-        self._drift = drift
+        self._drift_window, self._capture = drift_window, capture
+        self._monitor: tuple[Any, DriftMonitor | None] | None = None  # (served model, its monitor)
         self._queue: queue.SimpleQueue[tuple[str, float, dict[str, Any]] | Observation] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -115,11 +118,38 @@ class Telemetry:
             body["classes"] = scores.argmax(1).tolist()
             body["confidences"] = [round(float(c), 4) for c in scores.max(1)]
         rows = [("inference", item.t, json.dumps(body, separators=(",", ":")))]
-        if self._drift is not None and item.outputs is not None:
-            for extra in self._drift(item):
+        monitor = self._drift_monitor(served)
+        if monitor is not None and item.outputs is not None:
+            windows = monitor.observe(item.feed, item.outputs)
+            if windows and self._capture:
+                windows += self._sample_records(monitor.take_captured())
+            for extra in windows:
                 extra = {"model": served.name, "version": served.version, **extra}
                 rows.append((extra.pop("kind"), item.t, json.dumps(extra, separators=(",", ":"))))
         return rows
+
+    @staticmethod
+    def _sample_records(samples: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        records = []
+        for sample in samples:
+            try:
+                records.append(sample_record(sample))
+            except EdgeopsError as exc:  # too big to send: that sample only is left out
+                log.warning("not sending a captured sample: %s", exc)
+        return records
+
+    def _drift_monitor(self, served: Any) -> DriftMonitor | None:
+        """The monitor of the served model, made when it is first seen; None without a usable reference."""
+        if self._monitor is None or self._monitor[0] is not served:
+            monitor = None
+            if served.reference is not None:
+                whole = frozenset((served.manifest.get("selftest") or {}).get("whole_inputs") or ())
+                try:
+                    monitor = DriftMonitor(served.reference, whole, self._drift_window, capture=self._capture)
+                except EdgeopsError as exc:
+                    log.warning("no drift monitoring for %s %s: %s", served.name, served.version, exc)
+            self._monitor = (served, monitor)
+        return self._monitor[1]
 
     # ---- the forwarder thread
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgeops.compiler.data import Dataset
+from edgeops.protocol.drift import features
 
 REFERENCE_VERSION = 1
 BINS = 10
@@ -33,16 +34,6 @@ def _reduction(sample_shape: tuple[int, ...]) -> str:
     if len(sample_shape) >= 2 and sample_shape[0] <= MAX_ELEMENT_FEATURES:
         return "channel_mean"
     return "moments"
-
-
-def features(samples: np.ndarray, reduction: str) -> np.ndarray:
-    """Per-sample features, shape (samples, features); the agent applies the same reductions."""
-    flat = samples.reshape(len(samples), -1).astype(np.float64)
-    if reduction == "elements":
-        return flat
-    if reduction == "channel_mean":
-        return samples.reshape(len(samples), samples.shape[1], -1).astype(np.float64).mean(-1)
-    return np.stack([flat.mean(1), flat.std(1)], axis=1)
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:

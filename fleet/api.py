@@ -31,11 +31,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgeops import __version__
 from edgeops.fleet import home as fleethome
-from edgeops.fleet import registry
+from edgeops.fleet import drift, registry
 from edgeops.fleet.openapi import DOCUMENT
 from edgeops.protocol.errors import EdgeopsError
 
@@ -64,6 +64,7 @@ class Route:
     action: str  # FleetApi method; called with the path parameters, plus `body` (bytes) when `body`
     auth: bool = True
     body: bool = False
+    query: tuple[str, ...] = ()  # query parameters passed on (None when absent)
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -78,6 +79,7 @@ ROUTES = (
     Route("GET", "/v1/devices/{device_id}", "device"),
     Route("GET", "/v1/releases", "releases"),
     Route("POST", "/v1/releases", "push", body=True),
+    Route("GET", "/v1/drift", "drift", query=("model",)),
 )
 
 
@@ -117,6 +119,12 @@ class FleetApi:
 
     def releases(self) -> tuple[int, Any]:
         return 200, {"releases": self._read(registry.releases)}
+
+    def drift(self, model: str | None) -> tuple[int, Any]:
+        try:
+            return 200, self._read(drift.report, model)
+        except EdgeopsError as exc:  # no drift telemetry from that model
+            raise ApiError(404, str(exc)) from None
 
     def push(self, body: bytes) -> tuple[int, Any]:
         bundles, selector = parse_push(body)
@@ -206,6 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
         kwargs: dict[str, Any] = {name: unquote(value) for name, value in match.groupdict().items()}
         if route.body:
             kwargs["body"] = self._body()
+        if route.query:
+            given = parse_qs(urlsplit(self.path).query)
+            kwargs |= {name: given[name][-1] if name in given else None for name in route.query}
         return getattr(self.server.api, route.action)(**kwargs)
 
     def _authorize(self) -> None:

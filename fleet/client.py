@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from edgeops.protocol.errors import EdgeopsError
 
@@ -41,6 +42,12 @@ def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, s
 def status(url: str, token: str | None) -> dict[str, Any]:
     """Devices and releases (GET /v1/status), as `edgeops.fleet.registry.status` returns them."""
     return _call(url, token, "GET", "/v1/status", None, STATUS_TIMEOUT_S)
+
+
+def drift(url: str, token: str | None, model: str | None) -> dict[str, Any]:
+    """The drift report (GET /v1/drift), as `edgeops.fleet.drift.report` returns it."""
+    query = f"?{urlencode({'model': model})}" if model else ""
+    return _call(url, token, "GET", f"/v1/drift{query}", None, STATUS_TIMEOUT_S)
 
 
 def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float) -> Any:

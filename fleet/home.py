@@ -86,8 +86,10 @@ def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[s
     return home
 
 
-def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[str, str], out: Path) -> Path:
-    """Register a device and write what its agent needs: settings, broker credentials, pinned root metadata."""
+def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[str, str], out: Path,
+                  agent: dict[str, Any] | None = None) -> Path:
+    """Register a device and write what its agent needs: settings, broker credentials, pinned root
+    metadata, and `agent` settings (docs/agent.md: outbox_bytes, metrics_interval_s, drift_window, capture)."""
     load_profile(profile)  # an unknown profile fails here, not on the device
     out = Path(out)
     if (out / "device.json").exists():
@@ -98,7 +100,7 @@ def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[st
     out.mkdir(parents=True, exist_ok=True)
     bundlemod.atomic_write(out / "root.json", trust.read_metadata(home.repo, "root.json"))
     device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.config["broker"],
-              "username": device_id, "password": password}
+              "username": device_id, "password": password, **({"agent": agent} if agent else {})}
     bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device), mode=0o600)  # holds a password
     return out
 

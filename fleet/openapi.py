@@ -154,6 +154,17 @@ DOCUMENT: dict[str, Any] = {
             **_read("One device, with the release it should run.", "The device.", _ref("DeviceDetail"),
                     **{"404": _error("No device with this id is enrolled.")}),
         },
+        "/v1/drift": {
+            "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "Only this model; default: every model with drift telemetry."}],
+            **_read("Drift per model version, merged over devices, as `edgeops drift report --json` prints it.",
+                    "The drift report (fields: docs/drift.md).",
+                    {"type": "object", "required": ["alpha", "psi_floor", "persistence", "versions"],
+                     "properties": {"alpha": {"type": "number"}, "psi_floor": {"type": "number"},
+                                    "persistence": {"type": "string"},
+                                    "versions": {"type": "array", "items": {"type": "object"}}}},
+                    **{"404": _error("No drift telemetry from that model.")}),
+        },
         "/v1/releases": {
             **_read("Every release, oldest first.", "Releases.",
                     _object({"releases": {"type": "array", "items": _ref("Release")}})),

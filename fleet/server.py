@@ -27,7 +27,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgeops.fleet import registry, telemetry, trust
+from edgeops.fleet import hooks, registry, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
 from edgeops.fleet.home import CONFIG, FleetHome
 from edgeops.fleet.streams import Streams
@@ -36,6 +36,7 @@ from edgeops.protocol import wire
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
+DRIFT_CHECK_S = 5.0  # how often flagged model versions are looked for, with --on-drift
 MAX_REPORTS_PER_TRANSACTION = 1000
 
 
@@ -43,6 +44,7 @@ MAX_REPORTS_PER_TRANSACTION = 1000
 class FleetServer:
     home: FleetHome
     broker_url: str
+    on_drift: str | None = None  # shell command run once per model version flagged for retraining (fleet/hooks.py)
 
     def __post_init__(self) -> None:
         self.db = registry.open_db(self.home.db_path)
@@ -163,7 +165,7 @@ class FleetServer:
         self._generation = generation
 
     def _loop(self) -> None:
-        next_refresh = 0.0
+        next_refresh = next_drift_check = 0.0
         while not self._stop.is_set():
             if self.connected.is_set():
                 try:
@@ -172,14 +174,19 @@ class FleetServer:
                         with self.home.repo_lock():
                             trust.refresh_online(self.home.repo, self.home.expiry())
                         next_refresh = time.time() + self.home.expiry().timestamp.total_seconds() / 2
+                    if self.on_drift and time.monotonic() >= next_drift_check:
+                        with self._db_lock:
+                            hooks.run_new(self.db, self.on_drift, self.home.path)
+                        next_drift_check = time.monotonic() + DRIFT_CHECK_S
                 except Exception:  # keep serving; the next round retries
                     log.exception("fleet loop error")
             self._stop.wait(POLL_SECONDS)
 
 
-def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP) -> None:
-    """Run until interrupted: the embedded broker unless `broker_url` is given, the fleet server, and
-    the operators' HTTP API on `http` (HOST:PORT)."""
+def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_drift: str | None = None) -> None:
+    """Run until interrupted: the embedded broker unless `broker_url` is given, the fleet server
+    (running `on_drift` for each model version flagged for retraining), and the operators' HTTP API
+    on `http` (HOST:PORT)."""
     from edgeops.fleet.broker import EmbeddedBroker
 
     home = FleetHome.open(home_dir)
@@ -189,7 +196,7 @@ def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP) -> N
         address = mqttlib.BrokerAddress.parse(home.config["broker"])
         broker = EmbeddedBroker(address.host, address.port).start()
         broker_url = broker.url
-    server = FleetServer(home, broker_url).start()
+    server = FleetServer(home, broker_url, on_drift).start()
     api.start()
     log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s)",
                 home_dir, broker_url, api.url, home.path / CONFIG)

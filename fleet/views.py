@@ -39,3 +39,27 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         selector = ",".join(f"{k}={v}" for k, v in r["selector"].items()) or "all"
         releases.add_row(str(r["id"]), r["model"], r["version"], selector, ", ".join(t["profile"] for t in r["targets"]))
     console.print(releases)
+
+
+def render_drift(report: dict[str, Any], console: Console) -> None:
+    """`edgeops drift report`: one row per model version, then its devices that drift."""
+    versions = Table(title=f"drift (alpha {report['alpha']}, PSI floor {report['psi_floor']}, "
+                           f"retraining when {report['persistence']} alarm)")
+    for column in ("model", "version", "status", "windows", "samples", "devices drifting", "captured", "top features (PSI)"):
+        versions.add_column(column)
+    for v in report["versions"]:
+        drifting = [name for name, d in v["devices"].items() if d["status"] != "ok"]
+        top = ", ".join(f"{f['feature']} {f['psi']:.2f}" for f in v["top_features"][:3] if f["drifted"]) or "-"
+        versions.add_row(v["model"], v["version"], v["status"], str(v["windows"]), str(v["samples"]),
+                         f"{len(drifting)}/{len(v['devices'])}", str(v["captured"]), top)
+    console.print(versions)
+    for v in report["versions"]:
+        rows = [(name, d) for name, d in v["devices"].items() if d["status"] != "ok"]
+        if not rows:
+            continue
+        devices = Table(title=f"{v['model']} {v['version']}: devices that drift")
+        for column in ("device", "status", "alarmed windows", "latest window drifted in"):
+            devices.add_column(column)
+        for name, d in rows:
+            devices.add_row(name, d["status"], f"{d['alarmed']}/{d['windows']}", ", ".join(d["drifted"][:4]) or "-")
+        console.print(devices)

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from edgeops.demo import AGENTS_PER_PROFILE, CALLS_PER_AGENT, PROFILES, run_demo
-from edgeops.fleet import registry
+from edgeops.demo import AGENTS_PER_PROFILE, CALLS_PER_AGENT, DIMMED, DRIFT_BATCHES, PROFILES, run_demo
+from edgeops.fleet import drift, registry
 from edgeops.fleet.home import FleetHome
 from edgeops.protocol.bundle import read_bundle
 
@@ -28,4 +28,9 @@ def test_demo_builds_for_two_boards_and_every_agent_installs_its_own(tmp_path):
         assert (device_dir / "state" / "current").exists()
     db = registry.open_db(FleetHome.open(tmp_path / "fleet").db_path)
     per_device = dict(db.execute("select device, count(*) from telemetry where kind = 'inference' group by device").fetchall())
-    assert per_device == {d.name: 2 * CALLS_PER_AGENT for d in (tmp_path / "devices").iterdir()}  # before + during the outage
+    # before and during the outage, then the drift round
+    assert per_device == {d.name: 2 * CALLS_PER_AGENT + DRIFT_BATCHES for d in (tmp_path / "devices").iterdir()}
+    [version] = drift.report(db)["versions"]
+    assert version["status"] == "retraining recommended"
+    assert {name for name, d in version["devices"].items() if d["status"] == "retraining recommended"} == {DIMMED}
+    assert (tmp_path / "retrain" / "samples.npz").exists() and (tmp_path / "retrain" / "summaries.json").exists()
