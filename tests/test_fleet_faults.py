@@ -163,6 +163,7 @@ def test_kill_during_download_resumes_where_it_stopped(fleet, digits_bundle, tmp
     length = bundle.stat().st_size
     blocks = -(-length // MAX_BLOCK)
     assert blocks > 6
+    fleet.spy.delay = 0.05  # blocks one by one: the agent stores what has arrived in one go, maybe all of it
     release = push(fleet.home, [bundle], {})
     sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
