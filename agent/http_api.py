@@ -17,6 +17,8 @@ import io
 import json
 import logging
 import threading
+import zipfile
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -78,6 +80,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(503, {"error": str(exc)})
         except EdgeopsError as exc:  # the runtime refused the input at run time
             self._json(422, {"error": str(exc)})
+        except Exception:  # a bug: answer and log it, never leave the client without an answer
+            log.exception("error serving POST /v1/infer")
+            self._json(500, {"error": "internal error; the agent logged the details"})
         else:
             if binary:
                 buffer = io.BytesIO()
@@ -118,7 +123,7 @@ def _parse(kind: str, body: bytes, serving: Serving) -> tuple[dict[str, Any], bo
                     raise ValueError("not an .npz archive")
                 with loaded:
                     return {name: loaded[name] for name in loaded.files}, True
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
             raise InvalidInput(f"the body is not a readable {kind.split('-')[-1]} ({exc})") from None
         served = serving.served
         inputs = served.manifest["inputs"] if served else []

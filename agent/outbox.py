@@ -42,8 +42,8 @@ class Record:
 
 class Outbox:
     def __init__(self, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
-        if max_bytes < 1024:
-            raise EdgeopsError(f"the outbox needs at least 1024 bytes, not {max_bytes}")
+        if max_bytes < 512:
+            raise EdgeopsError(f"the outbox needs at least 512 bytes, not {max_bytes}")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         try:
@@ -61,9 +61,10 @@ class Outbox:
     def append(self, records: list[tuple[str, float, str]]) -> int:
         """Store (kind, time, JSON body) records in one transaction; returns how many old ones were dropped."""
         sized = [(kind, t, body, len(body) + RECORD_OVERHEAD) for kind, t, body in records]
-        sized = [r for r in sized if r[3] <= self.max_bytes]  # one record larger than the whole outbox: dropped
-        dropped = len(records) - len(sized)
         incoming = sum(r[3] for r in sized)
+        while sized and incoming > self.max_bytes:  # a batch larger than the whole outbox keeps its newest
+            incoming -= sized.pop(0)[3]
+        dropped = len(records) - len(sized)
         with self._lock:
             freed = 0
             with self._transaction():
