@@ -75,7 +75,7 @@ class AgentProcess:
         with open(self.log, "a") as log:
             log.write(f"--- agent start, failpoint={failpoint}\n")
             log.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", "edgeops", "-v", "agent", "run", str(device_dir)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgeops", "-v", "agent", "run", str(device_dir), "--api", "127.0.0.1:0"],
                                          env=env, stdout=log, stderr=log)
 
     def tail(self) -> str:
