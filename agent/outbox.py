@@ -1,5 +1,5 @@
 """The agent's outbox: every record the fleet should get (inference results, device metrics, drift
-windows, captured samples) waits here, in SQLite, until the broker has acknowledged it.
+windows, captured samples) waits here, in SQLite, until the fleet has acknowledged storing it.
 
 Durability: WAL with `synchronous=FULL`, and records are appended in group commits (`append`
 takes a batch; the agent's recorder commits at least every 50 ms). A record is durable once the
@@ -13,7 +13,7 @@ Invariants:
 - the records' stored size (sum of `size`) never exceeds `max_bytes`: an append that would cross it
   deletes the oldest records first, in the same transaction, and adds their number to the
   persistent `dropped` counter, which is reported to the fleet so every drop is accounted for;
-- a record leaves only through `acknowledge` (after the broker's PUBACK) or the bound above;
+- a record leaves only through `acknowledge` (once the fleet acknowledged storing it) or the bound above;
 - no VACUUM: deleted pages are reused by later inserts, so the file stays at its high-water mark
   instead of shrinking and growing again;
 - one Outbox object per file: it keeps the stored size in memory (read once at open).

@@ -89,7 +89,7 @@ class Agent:
         self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),
                                    float(self.config.option("metrics_interval_s", 30.0)),
                                    self.config.option("drift_window", 500), self.config.option("capture", 0))
-        self.link.on_published = self.telemetry.acknowledged
+        self.link.on_ack = self.telemetry.acknowledged
         self.serving = Serving(self.telemetry.observe)
 
     def infer(self, feed: dict[str, Any]) -> dict[str, Any]:

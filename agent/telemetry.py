@@ -5,10 +5,11 @@ outbox to the fleet in QoS 1 batches (docs/protocol.md, `telemetry`).
 Invariants:
 - inference never waits for this module: `observe` only enqueues; the recorder turns observations
   into records and commits them in groups at least every COMMIT_S;
-- a record is deleted from the outbox only when the broker acknowledged the batch that carried it
-  (paho's on_publish for QoS 1 = PUBACK received); anything unacknowledged when the connection drops
-  or the process dies is sent again later, so the fleet may see a record twice and ingests by
-  (device, seq), counting it once;
+- a record is deleted from the outbox only when the fleet acknowledged it (its `acks` message, sent
+  after the fleet's database committed the batch), not on the broker's PUBACK: a broker that lost
+  the fleet's session acknowledges and drops what no one subscribes to. Anything unacknowledged
+  after a reconnection, a restart or ACK_TIMEOUT_S is sent again, so the fleet may see a record
+  twice and ingests by (device, seq), counting it once;
 - every batch carries the outbox's cumulative `dropped` counter, so the fleet can account exactly
   for records dropped while the outbox was full.
 """
@@ -36,7 +37,7 @@ COMMIT_S = 0.05
 BATCH_RECORDS = 500
 BATCH_BYTES = 128 * 1024
 IN_FLIGHT = 4
-ACK_TIMEOUT_S = 30.0
+ACK_TIMEOUT_S = 10.0
 MAX_LISTED = 64  # per-sample classes/confidences listed in one inference record
 
 
@@ -54,8 +55,8 @@ class Telemetry:
         self._queue: queue.SimpleQueue[tuple[str, float, dict[str, Any]] | Observation] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight: dict[int, tuple[float, list[int]]] = {}  # mid -> (sent at, seqs)
-        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._in_flight: dict[tuple[int, int], float] = {}  # (first seq, last seq) of a batch -> sent at
+        self._acked: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self._sent_up_to = 0
         self._epoch: int | None = None
 
@@ -175,28 +176,26 @@ class Telemetry:
                     return
                 payload = wire.telemetry_batch(self.device_id, [(r.seq, r.kind, r.t, r.body) for r in batch],
                                                self.outbox.dropped())
-                info = link.publish_telemetry(payload)
-                if info.rc != 0:
+                if link.publish_telemetry(payload).rc != 0:
                     return
-                self._in_flight[info.mid] = (time.monotonic(), [r.seq for r in batch])
+                self._in_flight[(batch[0].seq, batch[-1].seq)] = time.monotonic()
                 self._sent_up_to = batch[-1].seq
 
     def _stale(self) -> bool:
-        oldest = min((sent for sent, _ in self._in_flight.values()), default=None)
+        oldest = min(self._in_flight.values(), default=None)
         return oldest is not None and time.monotonic() - oldest > ACK_TIMEOUT_S
 
-    def acknowledged(self, mid: int) -> None:
-        """paho's on_publish: the broker took the batch `mid`. Called on paho's thread while it holds
-        its message lock, so this only queues the mid (taking self._lock here could deadlock with a
-        publish in progress); the forwarder deletes the records."""
-        self._acked.put(mid)
+    def acknowledged(self, seqs: list[int]) -> None:
+        """The fleet's ack (on paho's thread): only queued here, the forwarder deletes the records."""
+        self._acked.put(seqs)
         self._wake.set()
 
     def _forget_acknowledged(self) -> None:
         seqs = []
         while not self._acked.empty():
-            entry = self._in_flight.pop(self._acked.get_nowait(), None)
-            if entry is not None:
-                seqs.extend(entry[1])
+            acked = self._acked.get_nowait()
+            if acked:
+                self._in_flight.pop((min(acked), max(acked)), None)
+                seqs.extend(acked)
         if seqs:
             self.outbox.acknowledge(seqs)

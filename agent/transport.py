@@ -57,7 +57,7 @@ class Link:
         self._subacks: dict[int, threading.Event] = {}
         self.connected = threading.Event()
         self.epoch = 0  # connections made so far: a new value means unacknowledged publishes may be lost
-        self.on_published: Callable[[int], None] | None = None  # mid of each acknowledged QoS 1 publish
+        self.on_ack: Callable[[list[int]], None] | None = None  # seqs of telemetry the fleet stored
         offline = wire.encode({"device": device_id, "online": False})
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, username, password,
                                      will=(wire.topic(device_id, "state"), offline))
@@ -65,7 +65,6 @@ class Link:
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = self._on_publish
 
     def start(self) -> "Link":
         self.client.loop_start()
@@ -79,16 +78,12 @@ class Link:
         if reason_code.is_failure:
             log.error("broker refused %s: %s", self.device_id, reason_code)
             return
-        topics = [(wire.topic(self.device_id, "desired"), 1), (wire.topic(self.device_id, "blocks"), 1)]
+        topics = [(wire.topic(self.device_id, leaf), 1) for leaf in wire.DEVICE_SUBSCRIBES]
         if self._stream_path:  # a session the broker lost: the stream subscription went with it
             topics.append((wire.stream_topic(self._stream_path), 1))
         client.subscribe(topics)
         self.epoch += 1
         self.connected.set()
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if self.on_published is not None:
-            self.on_published(mid)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._subscribe_lock:
@@ -108,6 +103,8 @@ class Link:
                 header, data = wire.parse_block_reply(message.payload)
                 streamed = "error" in header and header["path"] == self._stream_path
                 (self._stream if streamed else self._replies).put((header, data))
+            elif leaf == "acks" and self.on_ack is not None:
+                self.on_ack(wire.parse_telemetry_ack(message.payload))
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
         except Exception:  # never let a callback kill paho's network thread

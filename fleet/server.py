@@ -142,12 +142,14 @@ class FleetServer:
             try:
                 with self._db_lock:
                     registry.record_reports(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "state"])
-                    telemetry.ingest(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "telemetry"])
+                    stored = telemetry.ingest(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "telemetry"])
             except Exception:  # e.g. disk full: unacknowledged, the broker sends them again on reconnection
                 log.exception("could not store %d device messages", len(batch))
                 continue
             for *_, mid in batch:
                 self.client.ack(mid, 1)
+            for device_id, seqs in stored:  # now the device may forget them
+                self.client.publish(wire.topic(device_id, "acks"), wire.telemetry_ack(seqs), qos=1)
 
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""

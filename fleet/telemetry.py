@@ -2,7 +2,8 @@
 
 Invariants:
 - a record is stored at most once: (device, seq) is the key and a repeat is ignored, because an
-  agent re-sends what the broker did not acknowledge to it (agent/telemetry.py);
+  agent re-sends what the fleet did not acknowledge to it (agent/telemetry.py);
+- the fleet acks a batch to its device (`acks` topic) only after the transaction storing it committed;
 - a batch from a device that is not enrolled, or that names another device than its topic, is
   dropped whole: the topic is what the broker ACL vouches for;
 - `telemetry_devices.dropped` is the highest cumulative drop count a device reported, so
@@ -27,9 +28,10 @@ def create_tables(db: sqlite_utils.Database) -> None:
                "received integer not null default 0)")
 
 
-def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]]) -> int:
-    """Store (topic device id, parsed telemetry batch) pairs in one transaction; returns new records."""
-    now, new = time.time(), 0
+def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[int]]]:
+    """Store (topic device id, parsed telemetry batch) pairs in one transaction; returns, per batch
+    accepted, the device and the seqs now stored (new or already there), for the fleet to ack."""
+    now, stored = time.time(), []
     with db.conn:
         for device_id, batch in batches:
             if batch["device"] != device_id or not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
@@ -39,11 +41,11 @@ def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]])
             before = db.conn.total_changes
             db.conn.executemany("insert or ignore into telemetry values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             added = db.conn.total_changes - before
-            new += added
+            stored.append((device_id, [r["seq"] for r in batch["records"]]))
             db.execute("insert into telemetry_devices (device, dropped, received) values (?, ?, ?) on conflict (device) do "
                        "update set dropped = max(dropped, excluded.dropped), received = received + excluded.received",
                        [device_id, batch["dropped"], added])
-    return new
+    return stored
 
 
 def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:

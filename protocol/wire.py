@@ -26,7 +26,7 @@ STREAMS = "edgeops/v1/streams"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The leaves a device publishes and the ones it subscribes to, under its own id only (the broker ACL).
 DEVICE_PUBLISHES = ("state", "fetch", "telemetry")
-DEVICE_SUBSCRIBES = ("desired", "blocks")
+DEVICE_SUBSCRIBES = ("desired", "blocks", "acks")
 MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
 MAX_TELEMETRY_PAYLOAD = 256 * 1024
@@ -111,6 +111,29 @@ def parse_telemetry(payload: bytes) -> dict[str, Any]:
         if not isinstance(record.get("body"), dict):
             raise WireError("each record needs an object 'body'")
     return message
+
+
+def telemetry_ack(seqs: list[int]) -> bytes:
+    """The fleet stored these records (of one batch): `{"seqs": [[first, last], ...]}`, inclusive ranges."""
+    ranges: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return encode({"seqs": ranges})
+
+
+def parse_telemetry_ack(payload: bytes, limit: int = 10_000) -> list[int]:
+    """The seqs an ack names; WireError for malformed ranges or more than `limit` seqs."""
+    message = decode(payload, {"seqs": list})
+    seqs: list[int] = []
+    for pair in message["seqs"]:
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(type(v) is int for v in pair)
+                or not 1 <= pair[0] <= pair[1] or len(seqs) + pair[1] - pair[0] >= limit):
+            raise WireError(f"'seqs' must be at most {limit} seqs as [first, last] ranges")
+        seqs.extend(range(pair[0], pair[1] + 1))
+    return seqs
 
 
 def fetch_request(request_id: int, path: str, offset: int, length: int = MAX_BLOCK) -> bytes:
