@@ -42,7 +42,7 @@ def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, rele
     attacker.loop_start()
     try:
         wait_for(lambda: server.connected.is_set() and agent.link.connected.is_set(), "both sides to connect")
-        for leaf in ("fetch", "state", "desired", "blocks", "unknown"):
+        for leaf in ("fetch", "state", "telemetry", "desired", "blocks", "acks", "unknown"):
             for payload in GARBAGE:
                 attacker.publish(wire.topic("dev-1", leaf), payload, qos=1).wait_for_publish(5)
         attacker.publish("edgeops/v1/devices/../x", b"{}", qos=1).wait_for_publish(5)

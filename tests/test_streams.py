@@ -52,6 +52,18 @@ def test_malformed_stream_blocks_are_refused(payload):
         wire.parse_stream_block(payload)
 
 
+def test_telemetry_acks_round_trip_as_ranges():
+    payload = wire.telemetry_ack([5, 3, 4, 9, 10, 12])
+    assert wire.decode(payload, {}) == {"seqs": [[3, 5], [9, 10], [12, 12]]}
+    assert wire.parse_telemetry_ack(payload) == [3, 4, 5, 9, 10, 12]
+
+
+@pytest.mark.parametrize("seqs", [[[2, 1]], [[0, 3]], [[1]], [["1", 2]], [[1, 20_000]], "1-3"])
+def test_malformed_telemetry_acks_are_refused(seqs):
+    with pytest.raises(wire.WireError):
+        wire.parse_telemetry_ack(wire.encode({"seqs": seqs}))
+
+
 # ------------------------------------------------------------------------------------ partial downloads
 
 def blocks_of(data: bytes) -> dict[int, bytes]:
