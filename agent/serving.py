@@ -87,11 +87,11 @@ class Serving:
         if active is None:
             self._served = None
             return
-        model = runtime.load(active.model_path.read_bytes(), active.manifest, self._threads)
-        reference = read_bundle(active.path).reference()
+        bundle = read_bundle(active.path)  # one read for the model and the drift reference
+        model = runtime.load(bundle.model_bytes, active.manifest, self._threads)
         inputs = {spec["name"]: (np.dtype(spec["dtype"]), tuple(d if isinstance(d, int) else None for d in spec["shape"]))
                   for spec in active.manifest["inputs"]}
-        self._served = Served(active.manifest, model, active.slot, inputs, reference)
+        self._served = Served(active.manifest, model, active.slot, inputs, bundle.reference())
         log.info("serving %s %s from slot %s", active.manifest["name"], active.manifest["version"], active.slot)
 
     def infer(self, feed: Mapping[str, Any]) -> tuple[Served, dict[str, np.ndarray]]:
