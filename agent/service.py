@@ -6,6 +6,8 @@ against the metadata → install through the A/B slots (write, load, self-test, 
 Every outcome is reported on the device's retained `state` topic with the execution state and
 reason. Invariants:
 - nothing is installed unless the trust store verified it for this device's profile;
+- a version older than the installed one is installed only if it is the one the device ran just
+  before (state/previous.json), which is how the fleet rolls an update back; any other is refused;
 - any failure leaves the previous model active and serving;
 - a release that was rejected or failed is not retried until the fleet names a different one,
   while transient faults (fleet or broker unreachable) are retried with backoff;
@@ -183,8 +185,10 @@ class Agent:
             part = self.downloads / f"{info.sha256}.part"
             self.link.download(f"targets/{info.sha256}.{target}", part, info.length)
             self.report(release, "verifying")
+            # an older version only when it is the one this device ran before: the fleet rolling it back
+            going_back = (self._previous() or {}).get("target") == target
             custom = self.trust.verify_target(target, part.read_bytes(), self.config.profile,
-                                              installed["version"] if installed else None)
+                                              installed["version"] if installed and not going_back else None)
             self._check_bundle(part, target, custom)
             self.report(release, "installing")
             self.slots.install(part, expected_sha256=info.sha256,
@@ -205,9 +209,23 @@ class Agent:
             self.report(release, "failed", str(exc))
             return True
         discard(part)
+        if installed:
+            atomic_write(self._previous_path, canonical_json({"target": installed["target"], "version": installed["version"]}))
         self._serve_active()
         self.report(release, "active")
         return True
+
+    @property
+    def _previous_path(self) -> Path:
+        return self.config.path / "state" / "previous.json"
+
+    def _previous(self) -> dict[str, Any] | None:
+        """The model this device ran before the active one, the only older one it accepts (a rollback)."""
+        try:
+            found = json.loads(self._previous_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
 
     def _check_bundle(self, part: Path, target: str, custom: dict[str, Any]) -> None:
         """The bundle inside the signed bytes must be what its signed metadata claims, for this device.

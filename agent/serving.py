@@ -7,8 +7,10 @@ Invariants:
 - the served model is one reference, replaced in a single assignment by `swap`: a request takes the
   reference once and finishes on that model, so a swap under live traffic drops nothing, and the
   old model is freed when its last request returns;
-- every call, served or refused by the runtime, is handed to `observe` (the outbox recorder) after
-  the answer is computed, without waiting on disk: what the device records never slows what it serves.
+- every call, served, refused by the runtime or refused as invalid input, is handed to `observe`
+  (the outbox recorder) after the answer is computed, without waiting on disk: what the device
+  records never slows what it serves. Refused inputs count as errors: after an update, a model
+  whose inputs the apps cannot meet is failing them, and the fleet's health gates must see that.
 """
 
 from __future__ import annotations
@@ -99,7 +101,12 @@ class Serving:
         served = self._served  # taken once: a swap during this call does not affect it
         if served is None:
             raise NoModel("no model is installed yet; push a release to this device")
-        arrays = validate(feed, served.inputs)
+        try:
+            arrays = validate(feed, served.inputs)
+        except InvalidInput as exc:  # counted too: a model whose inputs apps cannot meet is failing them
+            if self._observe is not None:
+                self._observe(Observation(served, {}, None, 0.0, f"invalid input: {exc}", time.time()))
+            raise
         start = time.perf_counter()
         error = outputs = None
         try:

@@ -98,12 +98,6 @@ def _raw_worker(url: str, ids: list[str], total: int, done: mp.Queue, ready: mp.
 # ---- main process ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(condition, what: str, timeout: float, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,8 +109,10 @@ def _wait(condition, what: str, timeout: float, interval: float = 0.05):
 
 
 def start_mosquitto(work: Path) -> tuple[str, subprocess.Popen]:
+    from edgeops.fleet.broker import free_port
+
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = _free_port()
+    port = free_port()
     conf = work / "mosquitto.conf"
     conf.write_text("\n".join([
         f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
@@ -232,6 +228,7 @@ def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, t
                   broker_pid: int) -> dict[str, float]:
     from edgeops.fleet import registry
     from edgeops.fleet.home import enroll_device, init_fleet, push
+    from edgeops.fleet.plan import make_plan
     from edgeops.fleet.server import FleetServer
 
     home = init_fleet(work / "fleet", url)
@@ -251,7 +248,7 @@ def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, t
         pids = {"agents": [p.pid for p in workers.procs], "broker": [broker_pid]}
         cpu0 = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()} | {"fleet": time.process_time()}
         t0 = time.monotonic()
-        release = push(home, [bundle], {"bench": "fanout"})
+        release = push(home, [bundle], {"bench": "fanout"}, plan=make_plan(stages="100%", bake=0, min_calls=0))
         result: dict[str, float] = {}
 
         def all_active():

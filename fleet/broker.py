@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 
 from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on `host`, for a broker or server started just after."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class EmbeddedBroker:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeops.fleet import mosquitto, registry, trust
+from edgeops.fleet.plan import Plan
 from edgeops.protocol import bundle as bundlemod
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import load_profile
@@ -105,8 +106,10 @@ def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[st
     return out
 
 
-def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], targets_key: Path | None = None) -> int:
-    """Sign the bundles of one model version into the repository and register them as a release."""
+def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], targets_key: Path | None = None,
+         plan: Plan | None = None) -> int:
+    """Sign the bundles of one model version into the repository and register them as a release,
+    rolled out under `plan` (default: the safe staged plan, fleet/plan.py)."""
     if not bundle_paths:
         raise EdgeopsError("give at least one bundle to push")
     bundles = [bundlemod.read_bundle(p) for p in bundle_paths]
@@ -121,4 +124,4 @@ def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], ta
             target = trust.add_target(home.repo, b.path.name, b.path, custom, targets_key, home.expiry())
             targets.append({"profile": b.manifest["profile"], "target": b.path.name,
                             "sha256": target.hashes["sha256"], "length": target.length})
-    return registry.create_release(registry.open_db(home.db_path), model, version, selector, targets)
+    return registry.create_release(registry.open_db(home.db_path), model, version, selector, targets, plan)

@@ -2,9 +2,10 @@
 
 Invariants: the database is the only fleet state besides the TUF repository; every write is one
 transaction; execution rows only move between the states in `edgeops.protocol.wire.STATES`; every
-device has a `credentials` row with the salted hash of its broker password, never the password; a
-device's desired release is derived (newest release whose selector matches the device's labels and
-that has a bundle for its profile), never stored, so enrolling later or relabelling needs no fix-up.
+device has a `credentials` row with the salted hash of its broker password, never the password.
+A device's desired release (`devices.desired_release`) is written only by the rollout engine
+(edgeops.fleet.rollout), which bumps `desired_seq` with it, so the server republishes only on change.
+Every release has exactly one rollout, with the same id, created in the same transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import sqlite_utils
 
-from edgeops.fleet import telemetry
+from edgeops.fleet import rollout, telemetry
+from edgeops.fleet.plan import Plan
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.wire import DEVICE_ID, STATES
 
@@ -32,9 +34,13 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     db.execute("PRAGMA synchronous=FULL")
     db["devices"].create(
         {"id": str, "profile": str, "labels": str, "enrolled_at": float, "last_seen": float, "online": int,
-         "installed_model": str, "installed_version": str, "installed_target": str, "slot": str},
+         "installed_model": str, "installed_version": str, "installed_target": str, "slot": str,
+         "desired_release": int, "desired_seq": int},
         pk="id", if_not_exists=True, not_null={"profile", "labels"},
     )
+    for column in ("desired_release", "desired_seq"):  # registries made before rollouts existed
+        if column not in db["devices"].columns_dict:
+            db["devices"].add_column(column, int)
     db["releases"].create(
         {"id": int, "model": str, "version": str, "selector": str, "created_at": float},
         pk="id", if_not_exists=True,
@@ -49,6 +55,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
         {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
         pk=("device", "release_id"), if_not_exists=True,
     )
+    rollout.create_tables(db)
     telemetry.create_tables(db)
     return db
 
@@ -86,15 +93,18 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def create_release(db: sqlite_utils.Database, model: str, version: str, selector: dict[str, str],
-                   targets: list[dict[str, Any]]) -> int:
-    """Register a release: one bundle (target) per profile."""
+                   targets: list[dict[str, Any]], plan: Plan | None = None) -> int:
+    """Register a release (one bundle, or target, per profile) and start its rollout under `plan`
+    (default: the safe staged plan), superseding unfinished rollouts of the same model."""
     profiles = [t["profile"] for t in targets]
     if len(set(profiles)) != len(profiles):
         raise EdgeopsError(f"a release holds one bundle per profile; got {sorted(profiles)}")
     with db.conn:
-        release_id = db["releases"].insert({"model": model, "version": version, "selector": json.dumps(selector, sort_keys=True),
-                                            "created_at": time.time()}).last_pk
-        db["release_targets"].insert_all([{"release_id": release_id, **t} for t in targets])
+        release_id = db.execute("insert into releases (model, version, selector, created_at) values (?, ?, ?, ?)",
+                                [model, version, json.dumps(selector, sort_keys=True), time.time()]).lastrowid
+        db.conn.executemany("insert into release_targets (release_id, profile, target, sha256, length) values (?, ?, ?, ?, ?)",
+                            [(release_id, t["profile"], t["target"], t["sha256"], t["length"]) for t in targets])
+        rollout.start(db, release_id, model, plan or Plan())
     return release_id
 
 
@@ -104,30 +114,33 @@ def device(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
 
 
 def _device_row(row: dict[str, Any]) -> dict[str, Any]:
+    row.pop("desired_seq", None)  # the engine's change counter, not a fact about the device
     return {**row, "labels": json.loads(row["labels"]), "online": bool(row["online"])}
 
 
 def generation(db: sqlite_utils.Database) -> tuple[Any, ...]:
-    """Changes whenever a device's desired release may have changed (a release or an enrollment):
-    a cheap check before recomputing every device's `desired`."""
-    return tuple(db.execute("select (select max(id) from releases), (select count(*) from release_targets), "
-                            "(select count(*) from devices), (select max(enrolled_at) from devices)").fetchone())
+    """Changes whenever a device's desired release changed (the engine bumps `desired_seq`) or a
+    device enrolled: a cheap check before reading every device's `desired`."""
+    return tuple(db.execute("select max(desired_seq), count(*) from devices").fetchone())
+
+
+_DESIRED = ("select d.id as device, r.id as release_id, r.model, r.version, t.target, t.sha256, t.length "
+            "from devices d join releases r on r.id = d.desired_release "
+            "join release_targets t on t.release_id = r.id and t.profile = d.profile")
 
 
 def desired(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
-    """The release this device should run: the newest matching one with a bundle for its profile."""
-    dev = device(db, device_id)
-    if dev is None:
-        return None
-    rows = db.query(
-        "select r.id as release_id, r.model, r.version, r.selector, t.target, t.sha256, t.length "
-        "from releases r join release_targets t on t.release_id = r.id where t.profile = ? order by r.id desc",
-        [dev["profile"]],
-    )
-    for row in rows:
-        if matches(json.loads(row.pop("selector")), dev["labels"]):
-            return row
-    return None
+    """The release the rollout engine chose for this device, with the bundle for its profile; None before any."""
+    rows = [dict(row) for row in db.query(f"{_DESIRED} where d.id = ?", [device_id])]
+    return {k: v for k, v in rows[0].items() if k != "device"} if rows else None
+
+
+def all_desired(db: sqlite_utils.Database) -> dict[str, dict[str, Any] | None]:
+    """Every device's `desired()` in one query."""
+    found: dict[str, dict[str, Any] | None] = {row["id"]: None for row in db.query("select id from devices")}
+    for row in db.query(_DESIRED):
+        found[row.pop("device")] = row
+    return found
 
 
 def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str, Any]]]) -> None:
@@ -149,10 +162,12 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
             execution = state.get("execution")
             if known and isinstance(execution, dict) and execution.get("state") in STATES \
                     and isinstance(execution.get("release"), int) and not isinstance(execution["release"], bool):
+                # rolled-back and cancelled are the fleet's decisions: a late report does not undo them
                 db.execute(
                     "insert into executions (device, release_id, state, reason, updated_at) values (?, ?, ?, ?, ?) "
                     "on conflict (device, release_id) do update set state = excluded.state, "
-                    "reason = excluded.reason, updated_at = excluded.updated_at",
+                    "reason = excluded.reason, updated_at = excluded.updated_at "
+                    "where executions.state not in ('rolled-back', 'cancelled')",
                     [device_id, execution["release"], execution["state"], str(execution.get("reason") or "")[:500], now],
                 )
 
@@ -193,6 +208,18 @@ def releases(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return found
 
 
+def history(db: sqlite_utils.Database, device_id: str) -> list[dict[str, Any]]:
+    """A device's executions, newest release first."""
+    return list(db["executions"].rows_where("device = ?", [device_id], order_by="release_id desc"))
+
+
 def status(db: sqlite_utils.Database) -> dict[str, Any]:
-    """Devices with their latest execution, and releases: what `edgeops status` shows."""
-    return {"devices": devices(db), "releases": releases(db)}
+    """What `edgeops status` shows: devices with their latest execution, releases, rollouts with their
+    progress and gates, the engine's latest decisions, devices that need attention, drift flags."""
+    from edgeops.fleet import drift
+
+    all_devices = devices(db)
+    return {"devices": all_devices, "releases": releases(db), "rollouts": rollout.summaries(db),
+            "decisions": rollout.decisions(db), "attention": rollout.attention(db, all_devices),
+            "drift": [{"model": f["model"], "version": f["version"], "status": "retraining recommended",
+                       "devices": f["devices"]} for f in drift.flagged(db)]}

@@ -1,8 +1,9 @@
 """`edgeops fleet serve`: the fleet's MQTT side — desired releases out, fetches answered, states in.
 
 Invariants:
-- Every device's retained `desired` message equals `registry.desired()` for it; it is republished
-  whenever that changes (a push, an enrollment), so a device that connects later still gets it.
+- Every device's retained `desired` message equals `registry.desired()` for it, as the rollout
+  engine (fleet/rollout.py, run every ENGINE_S here) set it; it is republished whenever that
+  changes, so a device that connects later still gets it.
 - Fetches are answered only for TUF metadata and content-addressed targets of the repository
   (`wire.FETCH_PATH`); the device verifies everything it receives, so the fleet need not be trusted
   for integrity, only for availability. Targets go out on their broadcast streams (fleet/streams.py).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgeops.fleet import hooks, registry, telemetry, trust
+from edgeops.fleet import hooks, registry, rollout, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
 from edgeops.fleet.home import CONFIG, FleetHome
 from edgeops.fleet.streams import Streams
@@ -36,6 +37,7 @@ from edgeops.protocol import wire
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
+ENGINE_S = 1.0  # how often the rollout engine runs: time-outs, assignments, gates, advances
 DRIFT_CHECK_S = 5.0  # how often flagged model versions are looked for, with --on-drift
 MAX_REPORTS_PER_TRANSACTION = 1000
 
@@ -157,8 +159,7 @@ class FleetServer:
             generation = registry.generation(self.db)
             if generation == self._generation:
                 return
-            devices = [row["id"] for row in self.db["devices"].rows]
-            wanted = {d: registry.desired(self.db, d) for d in devices}
+            wanted = registry.all_desired(self.db)
         for device_id, release in wanted.items():
             payload = wire.encode(release or {"release_id": None})
             if self._published.get(device_id) != payload:
@@ -167,10 +168,14 @@ class FleetServer:
         self._generation = generation
 
     def _loop(self) -> None:
-        next_refresh = next_drift_check = 0.0
+        next_refresh = next_drift_check = next_engine = 0.0
         while not self._stop.is_set():
             if self.connected.is_set():
                 try:
+                    if time.monotonic() >= next_engine:
+                        with self._db_lock:
+                            rollout.tick(self.db)
+                        next_engine = time.monotonic() + ENGINE_S
                     self.publish_desired()
                     if time.time() >= next_refresh:
                         with self.home.repo_lock():

@@ -56,14 +56,14 @@ def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:
 
 def device_summaries(db: sqlite_utils.Database, only: str | None = None, window: int = 1000) -> dict[str, dict[str, Any]]:
     """Per device (or just `only`): records received and dropped, and over its last `window`
-    inference records the calls, errors and p95 latency; plus its latest metrics sample."""
+    inference records the calls, errors and p95 latency of the successful ones; plus its latest metrics sample."""
     where, args = ("where device = ?", [only]) if only is not None else ("", [])
     summaries = {row["device"]: {"received": row["received"], "dropped": row["dropped"]}
                  for row in db.query(f"select device, received, dropped from telemetry_devices {where}", args)}
     for device_id, summary in summaries.items():
         rows = db.execute("select json_extract(body, '$.latency_ms'), json_extract(body, '$.ok') from telemetry "
                           "where device = ? and kind = 'inference' order by seq desc limit ?", [device_id, window]).fetchall()
-        latencies = sorted(r[0] for r in rows if isinstance(r[0], (int, float)))
+        latencies = sorted(r[0] for r in rows if r[1] and isinstance(r[0], (int, float)))
         summary["inferences"] = len(rows)
         summary["errors"] = sum(1 for r in rows if not r[1])
         summary["p95_ms"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None

@@ -14,20 +14,16 @@ from pathlib import Path
 import pytest
 
 from edgeops.compiler.build import BuildRequest, build
-from edgeops.fleet.broker import EmbeddedBroker
+from edgeops.fleet.broker import EmbeddedBroker, free_port
 from realparts import missing
 from edgeops.fleet.home import FleetHome
+from edgeops.fleet.plan import make_plan
 from edgeops.fleet.mosquitto import write_config
 from edgeops.protocol.mqtt import BrokerAddress
 
 DEADLINE_S = 60
 PROFILES = ("x86-vnni", "rpi4")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+AT_ONCE = make_plan(stages="100%", bake=0, min_calls=0)  # for tests about delivery, not about stages
 
 
 def wait_for(condition, what: str, timeout: float = DEADLINE_S):

@@ -28,7 +28,7 @@ from edgeops.fleet.server import FleetServer
 from edgeops.protocol import wire
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+from fleetkit import AT_ONCE, free_port, secured_mosquitto, wait_for  # noqa: E402
 from realparts import missing  # noqa: E402
 
 DEVICES = ("dev-a", "dev-b")
@@ -132,7 +132,7 @@ def test_fleet_and_devices_work_with_credentials(fleet, tmp_path, slot_releases)
     for t in threads:
         t.start()
     try:
-        release = push(fleet, [slot_releases.v1], {"site": "lab"})
+        release = push(fleet, [slot_releases.v1], {"site": "lab"}, plan=AT_ONCE)
         db = registry.open_db(fleet.db_path)
         wait_for(lambda: [r["state"] for r in db["executions"].rows_where("release_id = ?", [release])] == ["active"] * 2,
                  "both devices to report the release active")

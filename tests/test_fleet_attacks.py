@@ -41,7 +41,7 @@ from edgeops.protocol import wire
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
 
 DEVICES = {"dev-x86": "x86-vnni", "dev-pi": "rpi4"}
 OTHER = {"x86-vnni": "rpi4", "rpi4": "x86-vnni"}
@@ -95,7 +95,7 @@ class Rig:
         return rows
 
     def announce(self, version: str, rows: list[dict[str, Any]]) -> int:
-        return registry.create_release(self.db, "digits", version, {"site": "lab"}, rows)
+        return registry.create_release(self.db, "digits", version, {"site": "lab"}, rows, AT_ONCE)
 
     def push(self, version: str, expiry: trust.Expiry | None = None) -> int:
         release = self.announce(version, self.sign(version, expiry=expiry))

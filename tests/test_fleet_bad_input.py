@@ -16,7 +16,7 @@ from edgeops.protocol import wire
 from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
 
 GARBAGE = [b"", b"\xff\xfe not utf-8", b"not json", b"[1, 2, 3]", b'{"req": "x"}', b"{" * 100_000,
            wire.fetch_request(1, "../../etc/passwd", 0), wire.fetch_request(2, "metadata/timestamp.json", -5),
@@ -46,7 +46,7 @@ def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, rele
             for payload in GARBAGE:
                 attacker.publish(wire.topic("dev-1", leaf), payload, qos=1).wait_for_publish(5)
         attacker.publish("edgeops/v1/devices/../x", b"{}", qos=1).wait_for_publish(5)
-        release = push(home, [releases[("1.0.0", PROFILES[0])]], {})
+        release = push(home, [releases[("1.0.0", PROFILES[0])]], {}, plan=AT_ONCE)
         wait_for(lambda: (agent.installed() or {}).get("version") == "1.0.0", "the agent to install after the garbage")
         db = registry.open_db(home.db_path)
         wait_for(lambda: db["executions"].count_where("release_id = ? and state = 'active'", [release]) == 1,

@@ -15,7 +15,7 @@ from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
 
 def test_push_reaches_every_device_on_its_profile(broker, releases, tmp_path):
     home = init_fleet(tmp_path / "fleet", broker)
@@ -30,7 +30,7 @@ def test_push_reaches_every_device_on_its_profile(broker, releases, tmp_path):
         t.start()
     try:
         for version in ("1.0.0", "1.1.0"):
-            release = push(home, [releases[(version, p)] for p in PROFILES], {"site": "lab"})
+            release = push(home, [releases[(version, p)] for p in PROFILES], {"site": "lab"}, plan=AT_ONCE)
             for agent in agents:
                 wait_for(lambda a=agent: (a.installed() or {}).get("version") == version,
                          f"{agent.config.id} to run {version}")

@@ -33,7 +33,7 @@ from edgeops.protocol import wire
 from edgeops.protocol.wire import MAX_BLOCK
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+from fleetkit import AT_ONCE, free_port, secured_mosquitto, wait_for  # noqa: E402
 
 DEVICE = "dev-1"
 INSTALL_FAILPOINTS = [f"{when}:{step}" for step in ("writing", "loading", "self-test", "switching")
@@ -164,7 +164,7 @@ def test_kill_during_download_resumes_where_it_stopped(fleet, digits_bundle, tmp
     blocks = -(-length // MAX_BLOCK)
     assert blocks > 6
     fleet.spy.delay = 0.05  # blocks one by one: the agent stores what has arrived in one go, maybe all of it
-    release = push(fleet.home, [bundle], {})
+    release = push(fleet.home, [bundle], {}, plan=AT_ONCE)
     sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
 
@@ -187,7 +187,7 @@ def test_kill_at_every_install_step_converges(fleet, digits_bundle, tmp_path):
     previous = None
     for number, point in enumerate(INSTALL_FAILPOINTS, start=1):
         version = f"1.0.{number}"
-        release = push(fleet.home, [release_bundle(digits_bundle.path, version, tmp_path)], {})
+        release = push(fleet.home, [release_bundle(digits_bundle.path, version, tmp_path)], {}, plan=AT_ONCE)
         fleet.agent(point).wait_killed()
         # The kill leaves the old model served, unless it came after the switch.
         assert served_version(fleet.device_dir) == (version if point == "after:switching" else previous), point
@@ -204,7 +204,7 @@ def test_broker_restart_mid_transfer_completes(fleet, digits_bundle, tmp_path):
     bundle = release_bundle(digits_bundle.path, "1.0.0", tmp_path, padding=3_000_000)
     length = bundle.stat().st_size
     fleet.spy.delay = 0.1  # ~2.5 s for the whole transfer
-    release = push(fleet.home, [bundle], {})
+    release = push(fleet.home, [bundle], {}, plan=AT_ONCE)
     sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
     agent = fleet.agent()

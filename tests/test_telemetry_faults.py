@@ -37,7 +37,7 @@ from edgeops.protocol.bundle import atomic_write, canonical_json, read_bundle
 from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import DEADLINE_S, Mosquitto, broker, free_port, secured_mosquitto, wait_for  # noqa: E402,F401  (fixture)
+from fleetkit import AT_ONCE, DEADLINE_S, Mosquitto, broker, free_port, secured_mosquitto, wait_for  # noqa: E402,F401  (fixture)
 from test_fleet_faults import DEVICE, AgentProcess, wait_active  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def deployed(tmp_path, digits_bundle):
             mosquitto = Mosquitto(conf, BrokerAddress.parse(home.config["broker"]).port).start()
         cleanup.append(mosquitto.stop)
         version = read_bundle(digits_bundle.path).manifest["version"]
-        release = push(home, [digits_bundle.path], {})
+        release = push(home, [digits_bundle.path], {}, plan=AT_ONCE)
         d = SimpleNamespace(home=home, device_dir=device_dir, broker=mosquitto, fleet=FleetRecords(home.db_path),
                             agent=None, url=None, server=None, subscribed=threading.Event())
 

@@ -1,0 +1,454 @@
+"""The rollout engine: which device runs which release, stage by stage, gated by health.
+
+Every release has one rollout (same id) that moves devices to it in stages (fleet/plan.py). `tick`
+runs every second in the fleet server: it times out silent devices, assigns devices while the
+current stage has room (devices that enroll or come online later join at the current stage), and
+advances a stage once all its devices settled, the bake time passed and the health gates hold on
+the minimum sample. Install failures past the abort criteria, or a failing gate, pause the rollout
+or roll it back, as its plan says. Operators act through `act` (pause, resume, abort, rollback).
+
+Invariants:
+- Only this module writes `devices.desired_release`, always bumping `desired_seq` with it, in the
+  same transaction as the decision that caused it; every decision is a `decisions` row with its reason.
+- A device is assigned to a rollout at most once (its executions row), only while online, and only
+  to a rollout newer than the one it is assigned to; a rollout never holds more devices than its
+  current stage's quota, cancelled ones aside.
+- Rolling back returns each device whose desired release is the rollout's to its previous release:
+  the newest earlier one it reported active. A device without one keeps what it has.
+- The engine's state is the database: a restarted fleet server continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+from edgeops.fleet.plan import IN_FLIGHT, Plan
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.wire import STATES
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_STATES = ("running", "paused", "completed", "aborted", "rolled-back", "superseded")
+OPEN = ("running", "paused")
+FAILED = ("failed", "rejected", "timed-out")
+SETTLED = ("active", *FAILED)
+ACTIONS = ("pause", "resume", "abort", "rollback")
+BASELINE_S = 7 * 86400  # how far back the previous version's telemetry counts as its baseline
+RETRAIN = "retraining recommended"
+
+
+def create_tables(db: sqlite_utils.Database) -> None:
+    db.execute("create table if not exists rollouts (id integer primary key, model text not null, state text not null, "
+               "plan text not null, stage integer not null, stage_settled_at real, created_at real not null, "
+               "updated_at real not null)")
+    db.execute("create table if not exists decisions (id integer primary key, rollout integer not null, t real not null, "
+               "actor text not null, action text not null, reason text not null)")
+    db.execute("create index if not exists decisions_by_rollout on decisions (rollout, id)")
+
+
+# ------------------------------------------------------------------------------------------ records
+
+@dataclass
+class _Rollout:
+    id: int
+    model: str
+    version: str
+    selector: dict[str, str]
+    profiles: tuple[str, ...]
+    state: str
+    plan: Plan
+    stage: int
+    stage_settled_at: float | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class _Device:
+    id: str
+    profile: str
+    labels: dict[str, str]
+    online: bool
+    desired_release: int | None
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    value: str
+    threshold: str
+    ok: bool | None  # None: not enough data yet
+    detail: str = ""
+
+
+def _rollouts(db: sqlite_utils.Database, where: str = "1", args: list | None = None) -> list[_Rollout]:
+    rows = db.execute(
+        "select o.id, o.model, r.version, r.selector, o.state, o.plan, o.stage, o.stage_settled_at, o.created_at, "
+        "o.updated_at, (select group_concat(profile, ' ') from release_targets t where t.release_id = o.id) "
+        f"from rollouts o join releases r on r.id = o.id where {where} order by o.id desc", args or []).fetchall()
+    return [_Rollout(row[0], row[1], row[2], json.loads(row[3]), tuple(sorted((row[10] or "").split())), row[4],
+                     Plan.from_dict(json.loads(row[5])), *row[6:10]) for row in rows]
+
+
+def _devices(db: sqlite_utils.Database) -> list[_Device]:
+    return [_Device(row[0], row[1], json.loads(row[2]), bool(row[3]), row[4]) for row in
+            db.execute("select id, profile, labels, online, desired_release from devices order by id")]
+
+
+def _get(db: sqlite_utils.Database, rollout_id: int) -> _Rollout:
+    found = _rollouts(db, "o.id = ?", [rollout_id])
+    if not found:
+        raise EdgeopsError(f"no rollout {rollout_id}; `edgeops status` lists them")
+    return found[0]
+
+
+def _decide(db: sqlite_utils.Database, rollout_id: int, actor: str, action: str, reason: str, now: float) -> None:
+    db.execute("insert into decisions (rollout, t, actor, action, reason) values (?, ?, ?, ?, ?)",
+               [rollout_id, now, actor, action, reason])
+    log.info("rollout %d: %s by %s: %s", rollout_id, action, actor, reason)
+
+
+def _set_state(db: sqlite_utils.Database, rollout_id: int, now: float, **fields: Any) -> None:
+    sets = ", ".join(f"{name} = ?" for name in fields)
+    db.execute(f"update rollouts set {sets}, updated_at = ? where id = ?", [*fields.values(), now, rollout_id])
+
+
+def _set_desired(db: sqlite_utils.Database, device_id: str, release_id: int | None) -> None:
+    db.execute("update devices set desired_release = ?, desired_seq = (select coalesce(max(desired_seq), 0) + 1 "
+               "from devices) where id = ?", [release_id, device_id])
+
+
+def _previous(db: sqlite_utils.Database, device_id: str, release_id: int) -> int | None:
+    """The newest release before `release_id` that the device reported active: where a rollback takes it."""
+    return db.execute("select max(release_id) from executions where device = ? and release_id < ? and state = 'active'",
+                      [device_id, release_id]).fetchone()[0]
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# ------------------------------------------------------------------------------------------ changes
+
+def start(db: sqlite_utils.Database, release_id: int, model: str, plan: Plan) -> None:
+    """Create the rollout of a new release, inside the caller's transaction; unfinished rollouts of
+    the same model are superseded (their queued devices cancelled, the rest keep what they have)."""
+    now = time.time()
+    for older in _rollouts(db, "o.model = ? and o.state in ('running', 'paused')", [model]):
+        _close(db, older, "superseded", f"superseded by rollout {release_id}", "engine", now, revert=False)
+    db.execute("insert into rollouts (id, model, state, plan, stage, stage_settled_at, created_at, updated_at) "
+               "values (?, ?, 'running', ?, 0, null, ?, ?)", [release_id, model, json.dumps(plan.to_dict()), now, now])
+    _decide(db, release_id, "operator", "start",
+            f"stages {','.join(s.label for s in plan.stages)}, bake {plan.bake_s:g}s, min {plan.min_calls} calls, "
+            f"abort {plan.abort} -> {plan.on_failure}", now)
+
+
+def act(db: sqlite_utils.Database, rollout_id: int, action: str, reason: str = "", actor: str = "operator") -> dict[str, Any]:
+    """An operator's pause, resume, abort or rollback; EdgeopsError when the rollout's state does not allow it."""
+    if action not in ACTIONS:
+        raise EdgeopsError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    now = time.time()
+    with db.conn:
+        r = _get(db, rollout_id)
+        allowed = {"pause": ("running",), "resume": ("paused",), "abort": OPEN,
+                   "rollback": tuple(s for s in ROLLOUT_STATES if s != "rolled-back")}[action]
+        if r.state not in allowed:
+            raise EdgeopsError(f"rollout {rollout_id} is {r.state}; {action} applies to {' or '.join(allowed)} rollouts")
+        why = reason or f"requested by the operator"
+        if action == "pause":
+            _set_state(db, r.id, now, state="paused")
+            _decide(db, r.id, actor, "pause", why, now)
+        elif action == "resume":
+            _set_state(db, r.id, now, state="running")
+            _decide(db, r.id, actor, "resume", why, now)
+        else:
+            _close(db, r, "aborted" if action == "abort" else "rolled-back", why, actor, now, revert=action == "rollback")
+    return summary(db, rollout_id)
+
+
+def _close(db: sqlite_utils.Database, r: _Rollout, state: str, reason: str, actor: str, now: float, revert: bool) -> None:
+    """End a rollout: queued devices are cancelled; with `revert`, devices on it go back to their previous release."""
+    action = {"superseded": "supersede", "aborted": "abort", "rolled-back": "rollback"}[state]
+    rows = db.execute("select e.device, e.state, d.desired_release from executions e join devices d on d.id = e.device "
+                      "where e.release_id = ? and e.state not in ('rolled-back', 'cancelled')", [r.id]).fetchall()
+    returned = stayed = 0
+    for device_id, execution, desired in rows:
+        if execution == "queued" or (revert and execution not in FAILED):
+            new_state = "cancelled" if execution == "queued" else "rolled-back"
+            previous = _previous(db, device_id, r.id) if desired == r.id else desired
+            note = f"{state}: {reason}" if previous is not None or desired != r.id else \
+                f"{state}: {reason}; no earlier release to return to, it keeps {r.version}"
+            db.execute("update executions set state = ?, reason = ?, updated_at = ? where device = ? and release_id = ?",
+                       [new_state, note[:500], now, device_id, r.id])
+        elif revert and desired == r.id:  # failed here, so still on its previous release: name that one again
+            previous = _previous(db, device_id, r.id)
+        else:
+            continue
+        if desired == r.id:
+            _set_desired(db, device_id, previous)
+            returned += previous is not None
+            stayed += previous is None
+    _set_state(db, r.id, now, state=state)
+    extra = f"; {returned} device(s) return to their previous release" if returned else ""
+    extra += f"; {stayed} device(s) have no earlier release and keep {r.version}" if stayed else ""
+    _decide(db, r.id, actor, action, reason + extra, now)
+
+
+def tick(db: sqlite_utils.Database, now: float | None = None) -> None:
+    """One round of the engine: time-outs, assignments, gate checks, advances. One transaction."""
+    now = time.time() if now is None else now
+    with db.conn:
+        _time_out(db, now)
+        devices = _devices(db)
+        live = _rollouts(db, "o.state in ('running', 'completed')")
+        for r in live:  # newest first: a device joins the newest rollout that has room for it
+            _assign(db, r, devices, now)
+        for r in live:
+            if r.state == "running":
+                _evaluate(db, r, devices, now)
+
+
+def _time_out(db: sqlite_utils.Database, now: float) -> None:
+    plans: dict[int, Plan] = {}
+    silent: dict[int, list[str]] = {}
+    rows = db.execute("select e.device, e.release_id, e.state, e.updated_at, o.plan from executions e "
+                      f"join rollouts o on o.id = e.release_id where e.state in ({','.join('?' * len(IN_FLIGHT))})",
+                      list(IN_FLIGHT)).fetchall()
+    for device_id, release_id, state, updated_at, plan in rows:
+        limit = plans.setdefault(release_id, Plan.from_dict(json.loads(plan))).deadlines_s[state]
+        if now - updated_at > limit:
+            db.execute("update executions set state = 'timed-out', reason = ?, updated_at = ? where device = ? and release_id = ?",
+                       [f"no report for {limit:g}s while {state}", now, device_id, release_id])
+            silent.setdefault(release_id, []).append(f"{device_id} ({state})")
+    for release_id, names in silent.items():
+        _decide(db, release_id, "engine", "timeout", f"{len(names)} device(s) silent past their deadline: "
+                                                     f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}", now)
+
+
+# ---------------------------------------------------------------------------------------- inspection
+
+@dataclass
+class _View:
+    """A rollout's devices right now: what the engine decides on and what operators see."""
+
+    targeted: list[_Device]
+    executions: dict[str, str]  # device -> state, cancelled ones included
+    quota: int
+    eligible: list[_Device]  # targeted, not assigned yet, online, not on a newer release
+
+    @property
+    def assigned(self) -> list[str]:
+        """Devices on or moving to this release: not cancelled, not rolled back."""
+        return [d for d, s in self.executions.items() if s not in ("cancelled", "rolled-back")]
+
+    def count(self, states: tuple[str, ...]) -> int:
+        return sum(1 for s in self.executions.values() if s in states)
+
+
+def _inspect(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device]) -> _View:
+    targeted = [d for d in devices if d.profile in r.profiles and _matches(r.selector, d.labels)]
+    executions = dict(db.execute("select device, state from executions where release_id = ?", [r.id]).fetchall())
+    quota = len(targeted) if r.state == "completed" else r.plan.stages[min(r.stage, len(r.plan.stages) - 1)].quota(len(targeted))
+    eligible = [d for d in targeted if d.id not in executions and d.online
+                and (d.desired_release is None or d.desired_release < r.id)]
+    rank: dict[str, int] = {}
+    keys = []
+    for d in eligible:  # interleave profiles, so the first stages cover every board the release has a bundle for
+        rank[d.profile] = rank.get(d.profile, -1) + 1
+        keys.append((rank[d.profile], d.profile, d.id))
+    order = [d for _, d in sorted(zip(keys, eligible), key=lambda pair: pair[0])]
+    return _View(targeted, executions, quota, order)
+
+
+def _assign(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> None:
+    view = _inspect(db, r, devices)
+    picked = view.eligible[: max(0, view.quota - len(view.assigned))]
+    for d in picked:
+        db.execute("insert into executions (device, release_id, state, reason, updated_at) values (?, ?, 'queued', '', ?)",
+                   [d.id, r.id, now])
+        _set_desired(db, d.id, r.id)
+        d.desired_release = r.id
+    if picked and r.state == "running" and r.stage_settled_at is not None:
+        _set_state(db, r.id, now, stage_settled_at=None)  # the newcomers bake too
+        r.stage_settled_at = None
+
+
+def health(db: sqlite_utils.Database, r: _Rollout, view: _View) -> list[Gate]:
+    """Install success, then error rate, p95 latency and drift of the new version against the
+    previous versions of the model on the same devices."""
+    plan, gates = r.plan, []
+    settled, failed = view.count(SETTLED), view.count(FAILED)
+    need = min(plan.min_devices, len(view.assigned)) or 1
+    gates.append(Gate("install success", f"{settled - failed}/{settled} ok",
+                      f"failed <= {plan.failed_pct:g}% (after {plan.min_devices} settle)",
+                      None if settled < need else 100.0 * failed / settled <= plan.failed_pct))
+    active = [d for d, s in view.executions.items() if s == "active"]
+    new = _calls(db, r.model, "version = ?", [r.version], active, 0.0)
+    old = _calls(db, r.model, "version != ?", [r.version], active, r.created_at - BASELINE_S)
+    enough = len(new) >= max(1, plan.min_calls) or (plan.min_calls == 0 and active)
+    sample = f"{len(new)}/{plan.min_calls} calls"
+    if not enough:
+        gates.append(Gate("error rate", "-", f"+{plan.gates.max_error_increase:.1%} over previous", None, f"waiting: {sample}"))
+        gates.append(Gate("p95 latency", "-", f"x{plan.gates.max_latency_ratio:g} previous", None, f"waiting: {sample}"))
+    else:
+        new_err, old_err = _error_rate(new), _error_rate(old)
+        limit = old_err + plan.gates.max_error_increase
+        gates.append(Gate("error rate", f"{new_err:.1%}", f"<= {limit:.1%} (previous {old_err:.1%})",
+                          new_err <= limit + 1e-12, sample))
+        new_p95, old_p95 = _p95(new), _p95(old)
+        if new_p95 is None or old_p95 is None:
+            gates.append(Gate("p95 latency", "-" if new_p95 is None else f"{new_p95:.2f} ms", "no baseline", True, sample))
+        else:
+            bound = old_p95 * plan.gates.max_latency_ratio + plan.gates.latency_slack_ms
+            gates.append(Gate("p95 latency", f"{new_p95:.2f} ms", f"<= {bound:.2f} ms (previous {old_p95:.2f} ms)",
+                              new_p95 <= bound, sample))
+    if plan.gates.drift:
+        gates.append(_drift_gate(db, r, active))
+    return gates
+
+
+def _calls(db: sqlite_utils.Database, model: str, version_clause: str, args: list, devices: list[str],
+           since: float) -> list[tuple[float | None, int]]:
+    """(latency_ms, ok) of the inference records of `model` from `devices`."""
+    if not devices:
+        return []
+    marks = ",".join("?" * len(devices))
+    return db.execute(f"select json_extract(body, '$.latency_ms'), json_extract(body, '$.ok') from telemetry "
+                      f"where kind = 'inference' and model = ? and {version_clause} and t >= ? and device in ({marks})",
+                      [model, *args, since, *devices]).fetchall()
+
+
+def _error_rate(calls: list[tuple[float | None, int]]) -> float:
+    return sum(1 for _, ok in calls if not ok) / len(calls) if calls else 0.0
+
+
+def _p95(calls: list[tuple[float | None, int]]) -> float | None:
+    latencies = [lat for lat, ok in calls if ok and isinstance(lat, (int, float))]
+    return float(np.percentile(latencies, 95)) if latencies else None
+
+
+def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str]) -> Gate:
+    from edgeops.fleet import drift
+
+    try:
+        versions = drift.report(db, r.model)["versions"]
+    except EdgeopsError:  # no drift telemetry from this model yet
+        return Gate("drift", "no windows", "no device newly drifting", True)
+    status = {(v["version"], device): d["status"] for v in versions for device, d in v["devices"].items()}
+    new = [d for d in active if status.get((r.version, d)) == RETRAIN]
+    newly = [d for d in new if not any(status.get((v["version"], d)) == RETRAIN for v in versions if v["version"] != r.version)]
+    return Gate("drift", f"{len(newly)} device(s) newly drifting", "0 newly drifting", not newly,
+                ", ".join(newly[:5]))
+
+
+def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> None:
+    view = _inspect(db, r, devices)
+    gates = health(db, r, view)
+    failing = [g for g in gates if g.ok is False]
+    if failing:
+        reason = "; ".join(f"{g.name} {g.value}, limit {g.threshold}" for g in failing)
+        if r.plan.on_failure == "pause":
+            _set_state(db, r.id, now, state="paused")
+            _decide(db, r.id, "engine", "pause", f"health gate failed: {reason}", now)
+        else:
+            _close(db, r, "rolled-back", f"health gate failed: {reason}", "engine", now, revert=True)
+        return
+    assigned = view.assigned
+    if not assigned or view.count(SETTLED) < len(assigned) or (len(assigned) < view.quota and view.eligible):
+        return
+    if r.stage_settled_at is None:
+        _set_state(db, r.id, now, stage_settled_at=now)  # the bake starts now
+        return
+    if now - r.stage_settled_at < r.plan.bake_s or any(g.ok is None for g in gates):
+        return
+    passed = "; ".join(f"{g.name} {g.value}" for g in gates)
+    if r.stage >= len(r.plan.stages) - 1:
+        _set_state(db, r.id, now, state="completed")
+        _decide(db, r.id, "engine", "complete", f"every targeted device reached: {passed}", now)
+    else:
+        _set_state(db, r.id, now, stage=r.stage + 1, stage_settled_at=None)
+        _decide(db, r.id, "engine", "advance", f"stage {r.plan.stages[r.stage].label} -> "
+                                               f"{r.plan.stages[r.stage + 1].label}: {passed}", now)
+
+
+# --------------------------------------------------------------------------------------------- views
+
+def _next(r: _Rollout, view: _View, gates: list[Gate], now: float) -> str:
+    if r.state == "paused":
+        return f"paused: `edgeops rollout resume {r.id}` continues it"
+    if r.state == "completed":
+        return "done; devices that join or come online get it"
+    if r.state not in OPEN:
+        return r.state
+    assigned, settled = len(view.assigned), view.count(SETTLED)
+    if not assigned:
+        return "waiting for a targeted device to come online"
+    if settled < assigned:
+        return f"installing: {settled}/{assigned} devices settled"
+    if assigned < view.quota and view.eligible:
+        return f"assigning devices ({assigned}/{view.quota})"
+    if r.stage_settled_at is None:
+        return "starting the bake"
+    left = r.plan.bake_s - (now - r.stage_settled_at)
+    if left > 0:
+        return f"baking: {left:.0f}s left"
+    waiting = [g.detail for g in gates if g.ok is None and g.detail]
+    if waiting:
+        return f"waiting for the minimum sample ({waiting[0]})"
+    return "advancing"
+
+
+def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> dict[str, Any]:
+    view = _inspect(db, r, devices)
+    gates = health(db, r, view) if r.state in (*OPEN, "completed") else []
+    n_active, n_failed = view.count(("active",)), view.count(FAILED)
+    stages = []
+    for i, stage in enumerate(r.plan.stages):
+        target = stage.quota(len(view.targeted))
+        stages.append({"label": stage.label, "target": target, "assigned": min(len(view.assigned), target),
+                       "active": min(n_active, target), "failed": min(n_failed, target),
+                       "done": r.state == "completed" or i < r.stage})
+    return {"id": r.id, "model": r.model, "version": r.version, "selector": r.selector, "profiles": list(r.profiles),
+            "state": r.state, "plan": r.plan.to_dict(), "stage": r.stage, "stages": stages,
+            "targeted": len(view.targeted), "counts": {s: view.count((s,)) for s in STATES},
+            "gates": [g.__dict__ for g in gates], "created_at": r.created_at, "updated_at": r.updated_at,
+            "next": _next(r, view, gates, now)}
+
+
+def summaries(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every rollout, newest first, with stage progress, counts per device state, gates and what comes next."""
+    devices, now = _devices(db), time.time()
+    return [_summarize(db, r, devices, now) for r in _rollouts(db)]
+
+
+def summary(db: sqlite_utils.Database, rollout_id: int) -> dict[str, Any]:
+    """One rollout as in `summaries`, with its decisions."""
+    return {**_summarize(db, _get(db, rollout_id), _devices(db), time.time()), "decisions": decisions(db, rollout_id)}
+
+
+def decisions(db: sqlite_utils.Database, rollout_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """The engine's and operators' decisions, newest first."""
+    where, args = ("where rollout = ?", [rollout_id]) if rollout_id is not None else ("", [])
+    return [dict(row) for row in db.query(f"select id, rollout, t, actor, action, reason from decisions {where} "
+                                          "order by id desc limit ?", [*args, limit])]
+
+
+def attention(db: sqlite_utils.Database, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Devices an operator should look at: the latest execution failed, or offline while behind."""
+    found = []
+    for d in devices:
+        execution = d.get("execution")
+        if execution and execution["state"] in FAILED:
+            found.append({"device": d["id"], "rollout": execution["release_id"],
+                          "reason": f"{execution['state']}: {execution['reason']}".rstrip(": ")})
+        elif not d["online"] and d.get("desired_release") and (not execution or execution["state"] != "active"
+                                                               or execution["release_id"] != d["desired_release"]):
+            found.append({"device": d["id"], "rollout": d["desired_release"], "reason": "offline, not on its release yet"})
+    return found
