@@ -192,24 +192,28 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.option("-o", "--output", "workdir", default="demo-out", show_default=True, type=click.Path(path_type=Path), help="Working folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def demo(workdir: Path, as_json: bool) -> None:
-    """The whole product in a minute, on its embedded defaults, with nothing to set up.
+@click.option("--keep-running", is_flag=True, help="Keep the fleet, its dashboard and the agents running until Ctrl-C.")
+@click.option("--json", "as_json", is_flag=True, help="Print the builds and the final status as JSON.")
+def demo(workdir: Path, keep_running: bool, as_json: bool) -> None:
+    """The whole product in a few minutes, on its embedded defaults, with nothing to set up.
 
     Trains a real model and builds it for two hardware profiles, side by side; starts the embedded
-    broker, a fleet and six simulated agents; pushes the release; sends traffic, takes the broker
-    down and shows the buffered telemetry arriving after it; dims one device's camera and shows
-    the fleet flag that model for retraining, then exports the captured samples.
+    broker, a fleet with its dashboard, and a dozen agents as real processes, with apps calling
+    their inference APIs; rolls v1 out in stages gated by health; rolls out a v2 that breaks the
+    apps, which fails its health gate on the canary and is rolled back automatically; dims one
+    device's camera and shows the fleet flag the model for retraining; prints the status and the
+    dashboard's URL.
 
     \b
-    Example:
+    Examples:
       edgeops demo -o /tmp/demo
+      edgeops demo --keep-running      # then open the dashboard URL it prints
     """
     from rich.console import Console
 
     from edgeops.demo import run_demo
 
-    results = run_demo(workdir, Console(stderr=True) if as_json else _stdout_console())
+    results = run_demo(workdir, Console(stderr=True) if as_json else _stdout_console(), keep_running)
     if as_json:
         _echo_json(results)
 
@@ -395,37 +399,136 @@ _TOKEN_HELP = "API token for --fleet URL (api_token in the fleet's fleet.json)."
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
 @click.option("--key", type=click.Path(path_type=Path), help="Targets signing key (PEM), if kept outside the fleet; --fleet DIR only.")
 @click.option("--select", "selector", multiple=True, help="key=value: only devices with these labels.")
-@click.option("--json", "as_json", is_flag=True, help="Print the release as JSON.")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Rollout plan (TOML, docs/rollouts.md); the options below override it.")
+@click.option("--stages", help="Cumulative stages: percentages (10% or 10) or counts (3dev); the last is 100%. "
+                               "[default: 1dev,10%,50%,100%]")
+@click.option("--bake", help="Time each stage's devices run the new version before the next stage, e.g. 30s, 10m. [default: 10m]")
+@click.option("--min-calls", type=click.IntRange(0), help="Inferences on the new version per stage before its gates count. [default: 100]")
+@click.option("--abort", help="Install failures that stop the rollout, e.g. 'failed>5%,min=5'. [default: failed>5%,min=5]")
+@click.option("--on-failure", type=click.Choice(["rollback", "pause"]), help="What a failed gate or abort does. [default: rollback]")
+@click.option("--deadline", help="How long a device may stay silent in any install state before it is timed out. [default: 10m, 30m downloading]")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
 def push(bundles: tuple[Path, ...], fleet_at: str, token: str | None, key: Path | None, selector: tuple[str, ...],
-         as_json: bool) -> None:
-    """Sign bundles of one model version and release them to the matching devices.
+         plan_file: Path | None, stages: str | None, bake: str | None, min_calls: int | None, abort: str | None,
+         on_failure: str | None, deadline: str | None, as_json: bool) -> None:
+    """Sign bundles of one model version and roll them out to the matching devices, in stages.
 
-    Each device gets the bundle built for its profile. Through the HTTP API (--fleet URL) the
-    fleet signs with the targets key in its repository; with an offline key, push with --fleet DIR --key.
+    Each device gets the bundle built for its profile. The rollout moves to the next stage only when
+    the devices of the current one all settled, ran the new version for the bake time, and its
+    health gates hold against the previous version (install success, error rate, p95 latency,
+    drift); otherwise it rolls back (or pauses). Through the HTTP API (--fleet URL) the fleet signs
+    with the targets key in its repository; with an offline key, push with --fleet DIR --key.
 
     \b
     Examples:
       edgeops push dist/digits-1.1.0-rpi4.edgeops dist/digits-1.1.0-x86-vnni.edgeops --fleet ./fleet
-      edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet ./fleet --select site=lab --key ~/offline/targets.pem
+      edgeops push dist/*.edgeops --fleet ./fleet --stages 1dev,10%,100% --bake 30m --abort 'failed>2%,min=10'
+      edgeops push dist/*.edgeops --fleet ./fleet --plan rollout.toml --select site=lab
+      edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet ./fleet --key ~/offline/targets.pem
       EDGEOPS_TOKEN=... edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet http://127.0.0.1:8420
     """
     from edgeops.fleet import client
+    from edgeops.fleet.plan import load_plan, make_plan
     from edgeops.fleet.registry import parse_labels
 
+    plan = make_plan(load_plan(plan_file) if plan_file else None, stages=stages, bake=bake, min_calls=min_calls,
+                     abort=abort, on_failure=on_failure, deadline=deadline)
     if client.is_url(fleet_at):
         if key is not None:
             raise EdgeopsError("--key needs --fleet DIR: the HTTP API signs with the targets key in the fleet "
                                "repository; to sign with an offline key, push with --fleet DIR --key KEY")
-        release = client.push(fleet_at, token, list(bundles), parse_labels(selector))
+        release = client.push(fleet_at, token, list(bundles), parse_labels(selector), plan.to_dict())
     else:
         from edgeops.fleet.home import FleetHome
         from edgeops.fleet.home import push as push_release
 
-        release = push_release(FleetHome.open(fleet_at), list(bundles), parse_labels(selector), key)
+        release = push_release(FleetHome.open(fleet_at), list(bundles), parse_labels(selector), key, plan)
     if as_json:
-        _echo_json({"release": release})
+        _echo_json({"release": release, "rollout": release, "plan": plan.to_dict()})
     else:
-        click.echo(f"release {release} pushed")
+        click.echo(f"release {release} pushed; rollout {release}: stages {','.join(s.label for s in plan.stages)}, "
+                   f"bake {plan.bake_s:g}s, abort {plan.abort} -> {plan.on_failure} "
+                   f"(watch: edgeops status --fleet {fleet_at})")
+
+
+@cli.group()
+def rollout() -> None:
+    """Steer a rollout: pause, resume, abort or roll back (ids are release ids; `edgeops status` lists them).
+
+    \b
+    Examples:
+      edgeops rollout pause 3 --fleet ./fleet --reason "support ticket 1234"
+      edgeops rollout rollback 3 --fleet http://127.0.0.1:8420 --token "$EDGEOPS_TOKEN"
+      edgeops rollout show 3 --fleet ./fleet --json
+    """
+
+
+def _rollout_action(action: str, help_text: str):
+    @rollout.command(action, help=help_text + """
+
+    \b
+    Examples:
+      edgeops rollout ACTION 3 --fleet ./fleet
+      edgeops rollout ACTION 3 --fleet http://127.0.0.1:8420 --token "$EDGEOPS_TOKEN" --reason "why" --json
+    """.replace("ACTION", action))
+    @click.argument("rollout_id", type=int)
+    @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+    @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+    @click.option("--reason", default="", help="Why, for the decision log.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON afterwards.")
+    def command(rollout_id: int, fleet_at: str, token: str | None, reason: str, as_json: bool) -> None:
+        from edgeops.fleet import client
+
+        if client.is_url(fleet_at):
+            result = client.act(fleet_at, token, rollout_id, action, reason)
+        else:
+            from edgeops.fleet.home import FleetHome
+            from edgeops.fleet.registry import open_db
+            from edgeops.fleet.rollout import act
+
+            result = act(open_db(FleetHome.open(fleet_at).db_path), rollout_id, action, reason)
+        if as_json:
+            _echo_json(result)
+        else:
+            click.echo(f"rollout {rollout_id} ({result['model']} {result['version']}) is {result['state']}: {result['next']}")
+    return command
+
+
+_rollout_action("pause", "Stop assigning devices; those installing finish. `resume` continues.")
+_rollout_action("resume", "Continue a paused rollout where it stopped.")
+_rollout_action("abort", "End a rollout: no more devices get it; devices that have it keep it.")
+_rollout_action("rollback", "End a rollout and return its devices to the release they ran before.")
+
+
+@rollout.command("show")
+@click.argument("rollout_id", type=int)
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rollout_show(rollout_id: int, fleet_at: str, token: str | None, as_json: bool) -> None:
+    """One rollout: stages, device states, gates and the decisions taken, with their reasons.
+
+    \b
+    Examples:
+      edgeops rollout show 3 --fleet ./fleet
+      edgeops rollout show 3 --fleet http://127.0.0.1:8420 --json
+    """
+    from edgeops.fleet import client
+
+    if client.is_url(fleet_at):
+        data = client.rollout(fleet_at, token, rollout_id)
+    else:
+        from edgeops.fleet.home import FleetHome
+        from edgeops.fleet.registry import open_db
+        from edgeops.fleet.rollout import summary
+
+        data = summary(open_db(FleetHome.open(fleet_at).db_path), rollout_id)
+    if as_json:
+        _echo_json(data)
+        return
+    from edgeops.fleet.views import render_status
+
+    render_status({"rollouts": [data], "decisions": data["decisions"]}, _stdout_console())
 
 
 @cli.command()

@@ -6,8 +6,10 @@ the whole surface; `edgeops.fleet.openapi.DOCUMENT` describes exactly it.
 Invariants:
 - Every answer is JSON. A bad request gets a 4xx `{"error": reason}`; an unexpected exception gets a
   500 `{"error": ...}` and is logged with its traceback. No request stops the server.
-- Every route but /v1/health and /v1/openapi.json needs `Authorization: Bearer <api_token>` (from
-  fleet.json), checked before any request body is read.
+- Reads (GET) are open: the dashboard, /metrics and the JSON views show the fleet read-only to
+  anyone who can reach the API (it listens on 127.0.0.1 unless told otherwise). Every change
+  (POST) needs `Authorization: Bearer <api_token>` (from fleet.json), checked before any request
+  body is read.
 - A request body is read into memory only when its Content-Length is within `max_body`; a body left
   unread is drained for a bounded time after the answer, so the client gets to read the answer.
 - Pushes are signed with the targets key in the fleet repository; an offline key needs
@@ -35,7 +37,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgeops import __version__
 from edgeops.fleet import home as fleethome
-from edgeops.fleet import drift, registry
+from edgeops.fleet import drift, registry, rollout
+from edgeops.fleet.plan import PLAN_KEYS, Plan, make_plan
 from edgeops.fleet.openapi import DOCUMENT
 from edgeops.protocol.errors import EdgeopsError
 
@@ -62,7 +65,7 @@ class Route:
     method: str
     template: str  # OpenAPI path template; `{name}` matches one path segment
     action: str  # FleetApi method; called with the path parameters, plus `body` (bytes) when `body`
-    auth: bool = True
+    auth: bool = False
     body: bool = False
     query: tuple[str, ...] = ()  # query parameters passed on (None when absent)
 
@@ -72,15 +75,30 @@ class Route:
 
 
 ROUTES = (
-    Route("GET", "/v1/health", "health", auth=False),
-    Route("GET", "/v1/openapi.json", "openapi", auth=False),
+    Route("GET", "/v1/health", "health"),
+    Route("GET", "/v1/openapi.json", "openapi"),
     Route("GET", "/v1/status", "status"),
     Route("GET", "/v1/devices", "devices"),
     Route("GET", "/v1/devices/{device_id}", "device"),
     Route("GET", "/v1/releases", "releases"),
-    Route("POST", "/v1/releases", "push", body=True),
+    Route("POST", "/v1/releases", "push", auth=True, body=True),
+    Route("GET", "/v1/rollouts", "rollouts"),
+    Route("GET", "/v1/rollouts/{rollout_id}", "rollout"),
+    Route("POST", "/v1/rollouts/{rollout_id}/{action}", "act", auth=True, body=True),
     Route("GET", "/v1/drift", "drift", query=("model",)),
+    Route("GET", "/v1/series", "series", query=("model", "bucket")),
+    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/", "dashboard"),
+    Route("GET", "/ui/{name}", "dashboard"),
 )
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A non-JSON answer: the dashboard's files, the Prometheus exposition."""
+
+    content_type: str
+    body: bytes
 
 
 class FleetApi:
@@ -115,7 +133,47 @@ class FleetApi:
         found = self._read(registry.device_detail, device_id)
         if found is None:
             raise ApiError(404, f"no device {device_id!r} is enrolled")
-        return 200, found
+        return 200, {**found, "history": self._read(registry.history, device_id)}
+
+    def rollouts(self) -> tuple[int, Any]:
+        return 200, {"rollouts": self._read(rollout.summaries)}
+
+    def rollout(self, rollout_id: str) -> tuple[int, Any]:
+        try:
+            return 200, self._read(rollout.summary, _rollout_id(rollout_id))
+        except EdgeopsError as exc:
+            raise ApiError(404, str(exc)) from None
+
+    def act(self, rollout_id: str, action: str, body: bytes) -> tuple[int, Any]:
+        if action not in rollout.ACTIONS:
+            raise ApiError(404, f"no action {action!r}; POST /v1/rollouts/ID/ACTION with ACTION one of "
+                                f"{', '.join(rollout.ACTIONS)}")
+        reason = parse_reason(body)
+        try:
+            return 200, self._read(rollout.act, _rollout_id(rollout_id), action, reason)
+        except EdgeopsError as exc:
+            raise ApiError(404 if str(exc).startswith("no rollout") else 409, str(exc)) from None
+
+    def series(self, model: str | None, bucket: str | None) -> tuple[int, Any]:
+        from edgeops.fleet.series import version_series
+
+        if bucket is not None and not (bucket.isdigit() and 1 <= int(bucket) <= 86400):
+            raise ApiError(400, "bucket must be a whole number of seconds from 1 to 86400")
+        return 200, self._read(version_series, model, int(bucket or 60))
+
+    def metrics(self) -> tuple[int, Any]:
+        from edgeops.fleet.exposition import render
+
+        body, content_type = self._read(render)
+        return 200, Raw(content_type, body)
+
+    def dashboard(self, name: str = "") -> tuple[int, Any]:
+        from edgeops.fleet.dashboard import asset
+
+        found = asset(f"/ui/{name}" if name else "/")
+        if found is None:
+            raise ApiError(404, f"no dashboard file {name!r}")
+        return 200, Raw(*found)
 
     def releases(self) -> tuple[int, Any]:
         return 200, {"releases": self._read(registry.releases)}
@@ -127,29 +185,49 @@ class FleetApi:
             raise ApiError(404, str(exc)) from None
 
     def push(self, body: bytes) -> tuple[int, Any]:
-        bundles, selector = parse_push(body)
+        bundles, selector, plan = parse_push(body)
         with tempfile.TemporaryDirectory(prefix="edgeops-upload-") as tmp:
             paths = [Path(tmp, name) for name, _ in bundles]
             for path, (_, data) in zip(paths, bundles):
                 path.write_bytes(data)
             try:
-                release = fleethome.push(self.home, paths, selector)
+                release = fleethome.push(self.home, paths, selector, plan=plan)
             except EdgeopsError as exc:  # the reason names the bundle by its upload name, not the temp path
                 raise ApiError(400, str(exc).replace(f"{tmp}/", "")) from None
         return 201, {"release": release}
 
 
-def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    """The bundles (name, bytes) and selector of a POST /v1/releases body; ApiError 400 saying what is wrong."""
+def _rollout_id(text: str) -> int:
+    if not text.isdigit():
+        raise ApiError(404, f"no rollout {text!r}; rollout ids are numbers (GET /v1/rollouts lists them)")
+    return int(text)
+
+
+def parse_reason(body: bytes) -> str:
+    """The optional `{"reason": "..."}` of a rollout action; an empty body is no reason."""
+    if not body.strip():
+        return ""
+    try:
+        request = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or set(request) - {"reason"} or not isinstance(request.get("reason", ""), str):
+        raise ApiError(400, 'body must be {} or {"reason": "why, in a few words"}')
+    return request.get("reason", "")[:300]
+
+
+def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str], Plan]:
+    """The bundles (name, bytes), selector and rollout plan of a POST /v1/releases body; ApiError 400
+    saying what is wrong."""
     try:
         request = json.loads(body)
     except ValueError as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ApiError(400, 'body must be a JSON object: {"bundles": [{"name": ..., "data": ...}], "select": {...}}')
-    unknown = sorted(set(request) - {"bundles", "select"})
+    unknown = sorted(set(request) - {"bundles", "select", "plan"})
     if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected bundles and select")
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected bundles, select and plan")
     if "bundles" not in request:
         raise ApiError(400, "missing field bundles")
     items = request["bundles"]
@@ -176,7 +254,13 @@ def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     if not isinstance(selector, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
                                                  for k, v in selector.items()):
         raise ApiError(400, 'select must be an object of label strings, e.g. {"site": "lab"}')
-    return bundles, selector
+    plan = request.get("plan", {})
+    if not isinstance(plan, dict) or set(plan) - set(PLAN_KEYS):
+        raise ApiError(400, f"plan must be an object with some of {', '.join(PLAN_KEYS)} (docs/rollouts.md)")
+    try:
+        return bundles, selector, make_plan(**plan)
+    except (EdgeopsError, TypeError, AttributeError) as exc:
+        raise ApiError(400, f"plan: {exc}") from None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -209,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             allowed = ", ".join(sorted({route.method for route, _ in matches}))
             raise ApiError(405, f"{path} accepts {allowed}, not {self.command}", {"Allow": allowed})
         route, match = chosen[0]
-        if route.auth:
+        if route.auth or "Authorization" in self.headers:  # a token sent is checked, never ignored
             self._authorize()
         kwargs: dict[str, Any] = {name: unquote(value) for name, value in match.groupdict().items()}
         if route.body:
@@ -263,9 +347,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _send(self, status: int, data: Any, headers: dict[str, str]) -> None:
-        body = json.dumps(data, sort_keys=True).encode()
+        raw = data if isinstance(data, Raw) else Raw("application/json", json.dumps(data, sort_keys=True).encode())
+        body = raw.body
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", raw.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         for name, value in headers.items():

@@ -26,8 +26,9 @@ def is_url(fleet: str) -> bool:
     return fleet.startswith(("http://", "https://"))
 
 
-def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, str]) -> int:
-    """Upload bundles of one model version as a release (POST /v1/releases); return the release id."""
+def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, str], plan: dict[str, Any] | None = None) -> int:
+    """Upload bundles of one model version as a release (POST /v1/releases) rolled out under `plan`
+    (`Plan.to_dict()`; default: the server's safe defaults); return the release id."""
     items = []
     for path in map(Path, bundles):
         try:
@@ -35,13 +36,32 @@ def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, s
         except OSError as exc:
             raise EdgeopsError(f"cannot read bundle {path}: {exc.strerror}") from None
         items.append({"name": path.name, "data": base64.b64encode(data).decode("ascii")})
-    answer = _call(url, token, "POST", "/v1/releases", {"bundles": items, "select": selector}, PUSH_TIMEOUT_S)
+    answer = _call(url, token, "POST", "/v1/releases", {"bundles": items, "select": selector, **({"plan": _as_settings(plan)} if plan else {})},
+                   PUSH_TIMEOUT_S)
     return answer["release"]
 
 
 def status(url: str, token: str | None) -> dict[str, Any]:
     """Devices and releases (GET /v1/status), as `edgeops.fleet.registry.status` returns them."""
     return _call(url, token, "GET", "/v1/status", None, STATUS_TIMEOUT_S)
+
+
+def _as_settings(plan: dict[str, Any]) -> dict[str, Any]:
+    """`Plan.to_dict()` as the settings `make_plan` takes (what POST /v1/releases accepts as `plan`)."""
+    return {"stages": plan["stages"], "bake": plan["bake_s"], "min_calls": plan["min_calls"],
+            "abort": f"failed>{plan['abort']['failed_pct']:g}%,min={plan['abort']['min_devices']}",
+            "on_failure": plan["on_failure"], "gates": plan["gates"], "deadlines": plan["deadlines_s"]}
+
+
+def rollout(url: str, token: str | None, rollout_id: int) -> dict[str, Any]:
+    """One rollout with its decisions (GET /v1/rollouts/ID), as `edgeops.fleet.rollout.summary` returns it."""
+    return _call(url, token, "GET", f"/v1/rollouts/{rollout_id}", None, STATUS_TIMEOUT_S)
+
+
+def act(url: str, token: str | None, rollout_id: int, action: str, reason: str = "") -> dict[str, Any]:
+    """Pause, resume, abort or roll back a rollout (POST /v1/rollouts/ID/ACTION); the rollout after it."""
+    return _call(url, token, "POST", f"/v1/rollouts/{rollout_id}/{action}", {"reason": reason} if reason else {},
+                 STATUS_TIMEOUT_S)
 
 
 def drift(url: str, token: str | None, model: str | None) -> dict[str, Any]:
@@ -51,10 +71,11 @@ def drift(url: str, token: str | None, model: str | None) -> dict[str, Any]:
 
 
 def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float) -> Any:
-    if not token:
-        raise EdgeopsError(f"the fleet API needs its token: pass --token or set {TOKEN_ENV} "
+    """Reads need no token; changes do."""
+    if not token and method != "GET":
+        raise EdgeopsError(f"changing the fleet through its API needs its token: pass --token or set {TOKEN_ENV} "
                            "(it is api_token in the fleet's fleet.json)")
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     data = None
     if body is not None:
         data = json.dumps(body).encode()

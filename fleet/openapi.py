@@ -35,10 +35,16 @@ def _error(description: str) -> dict[str, Any]:
 
 _OTHER = {"default": _error("Any other failure: 404 unknown path, 405 wrong method, 500 server fault (logged).")}
 _AUTHED = {"401": _error("Missing or wrong bearer token."), **_OTHER}
+_OPEN = {"401": _error("A bearer token was sent and is wrong (reads need none)."), **_OTHER}
 
 
 def _read(summary: str, description: str, schema: dict[str, Any], **errors: dict[str, Any]) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": _json(description, schema), **errors, **_AUTHED}}}
+    return {"get": {"summary": summary, "security": [], "responses": {"200": _json(description, schema), **errors, **_OPEN}}}
+
+
+def _file(summary: str, content_type: str, description: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "security": [], "responses": {
+        "200": {"description": description, "content": {content_type: {"schema": {"type": "string"}}}}, **_OPEN}}}
 
 
 _SCHEMAS: dict[str, Any] = {
@@ -65,6 +71,41 @@ _SCHEMAS: dict[str, Any] = {
         "execution": {"anyOf": [_ref("Execution"), {"type": "null"}], "description": "The latest execution."},
         "telemetry": {"anyOf": [_ref("DeviceTelemetry"), {"type": "null"}],
                       "description": "What the device's telemetry says; null before any arrived."},
+        "desired_release": {"type": ["integer", "null"], "description": "The release the rollout engine chose for it."},
+    }),
+    "Stage": _object({
+        "label": {"type": "string", "examples": ["1dev", "10%"]},
+        "target": {"type": "integer", "description": "Devices this stage covers, cumulative."},
+        "assigned": {"type": "integer"}, "active": {"type": "integer"}, "failed": {"type": "integer"},
+        "done": {"type": "boolean"},
+    }),
+    "Gate": _object({
+        "name": {"enum": ["install success", "error rate", "p95 latency", "drift"]},
+        "value": {"type": "string"}, "threshold": {"type": "string"},
+        "ok": {"type": ["boolean", "null"], "description": "null: not enough data yet (the minimum sample)."},
+        "detail": {"type": "string"},
+    }),
+    "Decision": _object({
+        "id": {"type": "integer"}, "rollout": {"type": "integer"}, "t": {"type": "number", "description": "Unix time."},
+        "actor": {"enum": ["engine", "operator"]},
+        "action": {"enum": ["start", "advance", "pause", "resume", "abort", "rollback", "complete", "supersede", "timeout"]},
+        "reason": {"type": "string"},
+    }),
+    "Plan": {"type": "object", "description": "The rollout plan (docs/rollouts.md).",
+             "required": ["stages", "bake_s", "min_calls", "abort", "on_failure", "gates", "deadlines_s"]},
+    "Rollout": _object({
+        "id": {"type": "integer", "description": "The same as its release's id."},
+        "model": {"type": "string"}, "version": {"type": "string"}, "selector": _LABELS,
+        "profiles": {"type": "array", "items": {"type": "string"}},
+        "state": {"enum": ["running", "paused", "completed", "aborted", "rolled-back", "superseded"]},
+        "plan": _ref("Plan"),
+        "stage": {"type": "integer", "description": "Index of the current stage."},
+        "stages": {"type": "array", "items": _ref("Stage")},
+        "targeted": {"type": "integer", "description": "Devices matching the selector, with a bundle for their profile."},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Devices per execution state."},
+        "gates": {"type": "array", "items": _ref("Gate")},
+        "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+        "next": {"type": "string", "description": "What the engine waits for next."},
     }),
     "DeviceTelemetry": _object({
         "received": {"type": "integer", "description": "Records received from the device (each counted once)."},
@@ -116,13 +157,20 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "select": {**_LABELS, "description": "Only devices with these labels; default: every device."},
+            "plan": {"type": "object", "description": "Rollout plan settings, as in a plan file (docs/rollouts.md): "
+                                                      "stages, bake, min_calls, abort, on_failure, deadline, gates, deadlines.",
+                     "examples": [{"stages": "1dev,10%,100%", "bake": "10m", "abort": "failed>5%,min=5"}]},
         },
     },
 }
+_SCHEMAS["RolloutDetail"] = _object({**_SCHEMAS["Rollout"]["properties"],
+                                     "decisions": {"type": "array", "items": _ref("Decision")}})
+_ROLLOUT_ID = [{"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "integer"}}]
 _SCHEMAS["DeviceDetail"] = _object({
     **_SCHEMAS["Device"]["properties"],
     "desired": {"anyOf": [_ref("DesiredRelease"), {"type": "null"}],
-                "description": "The release the device should run: the newest one matching its labels and profile."},
+                "description": "The release the rollout engine chose for it, with the bundle for its profile."},
+    "history": {"type": "array", "items": _ref("Execution"), "description": "Its executions, newest release first."},
 })
 
 DOCUMENT: dict[str, Any] = {
@@ -131,22 +179,62 @@ DOCUMENT: dict[str, Any] = {
         "title": "edgeops fleet API",
         "version": __version__,
         "description": (
-            "Operators' HTTP JSON API of `edgeops fleet serve`. Every route except /v1/health and "
-            "/v1/openapi.json needs `Authorization: Bearer <token>`, the token being `api_token` in the "
-            "fleet's fleet.json. Errors are `{\"error\": \"...\"}` with a 4xx status for bad requests and "
+            "Operators' HTTP JSON API of `edgeops fleet serve`, its dashboard (/) and Prometheus metrics "
+            "(/metrics). Reads need no token; changes (POST) need `Authorization: Bearer <token>`, the token "
+            "being `api_token` in the fleet's fleet.json, and a token that is sent is always checked. Errors are `{\"error\": \"...\"}` with a 4xx status for bad requests and "
             "500 for server faults. Pushes are signed with the targets key kept in the fleet repository; "
             "to sign with an offline targets key, push with `edgeops push --fleet DIR --key KEY` instead."
         ),
     },
     "security": [{"bearer": []}],
     "paths": {
-        "/v1/health": {"get": {"summary": "Liveness; needs no token.", "security": [],
-                               "responses": {"200": _json("The server is up.", _ref("Health")), **_OTHER}}},
-        "/v1/openapi.json": {"get": {"summary": "This document; needs no token.", "security": [],
-                                     "responses": {"200": _json("OpenAPI 3.1 document.", {"type": "object"}), **_OTHER}}},
-        "/v1/status": _read("Devices and releases, as `edgeops status --json` prints them.", "Fleet status.",
+        "/v1/health": _read("Liveness.", "The server is up.", _ref("Health")),
+        "/v1/openapi.json": _read("This document.", "OpenAPI 3.1 document.", {"type": "object"}),
+        "/v1/status": _read("Everything `edgeops status --json` prints.", "Fleet status.",
                             _object({"devices": {"type": "array", "items": _ref("Device")},
-                                     "releases": {"type": "array", "items": _ref("Release")}})),
+                                     "releases": {"type": "array", "items": _ref("Release")},
+                                     "rollouts": {"type": "array", "items": _ref("Rollout"), "description": "Newest first."},
+                                     "decisions": {"type": "array", "items": _ref("Decision"),
+                                                   "description": "The latest 50, newest first."},
+                                     "attention": {"type": "array", "items": _object({
+                                         "device": {"type": "string"}, "rollout": {"type": ["integer", "null"]},
+                                         "reason": {"type": "string"}})},
+                                     "drift": {"type": "array", "items": _object({
+                                         "model": {"type": "string"}, "version": {"type": "string"},
+                                         "status": {"type": "string"},
+                                         "devices": {"type": "array", "items": {"type": "string"}}})}})),
+        "/v1/rollouts": _read("Every rollout, newest first.", "Rollouts.",
+                              _object({"rollouts": {"type": "array", "items": _ref("Rollout")}})),
+        "/v1/rollouts/{rollout_id}": {"parameters": _ROLLOUT_ID, **_read(
+            "One rollout with its decisions.", "The rollout.", _ref("RolloutDetail"), **{"404": _error("No such rollout.")})},
+        "/v1/rollouts/{rollout_id}/{action}": {
+            "parameters": [*_ROLLOUT_ID, {"name": "action", "in": "path", "required": True,
+                                          "schema": {"enum": ["pause", "resume", "abort", "rollback"]}}],
+            "post": {
+                "summary": "Pause, resume, abort or roll back a rollout.",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"reason": {"type": "string", "description": "Why, for the decision log."}}}}}},
+                "responses": {"200": _json("Done; the rollout afterwards.", _ref("RolloutDetail")),
+                              "400": _error("The body is not {} or {\"reason\": ...}."),
+                              "404": _error("No such rollout or action."),
+                              "409": _error("The rollout's state does not allow it (e.g. resuming a completed one)."),
+                              **_AUTHED},
+            },
+        },
+        "/v1/series": {
+            "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
+                           {"name": "bucket", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 86400, "default": 60}}],
+            **_read("Per model version over time: calls, error rate, p95 latency, drift windows and alarms.",
+                    "Time series, one per model version.", {"type": "object", "required": ["bucket_s", "versions"]},
+                    **{"400": _error("Bad bucket.")}),
+        },
+        "/metrics": _file("Prometheus exposition: devices by state, rollout progress, ingest counters, drift flags.",
+                          "text/plain", "Prometheus text format 0.0.4."),
+        "/": _file("The dashboard.", "text/html", "The dashboard's page."),
+        "/ui/{name}": {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                       **_file("The dashboard's scripts and styles.", "application/octet-stream", "A dashboard file.")},
         "/v1/devices": _read("Every device with its latest execution.", "Devices by id.",
                              _object({"devices": {"type": "array", "items": _ref("Device")}})),
         "/v1/devices/{device_id}": {

@@ -1,12 +1,32 @@
-"""`edgeops status` on the terminal: devices and releases as rich tables."""
+"""`edgeops status` and `edgeops drift report` on the terminal, as rich tables and panels.
+
+`render_status` takes the dict registry.status() returns (GET /v1/status serves the same) and shows, in
+order: devices (or, past LARGE_FLEET devices, only those that need attention plus one count per
+state), releases, rollouts (a panel for each model's newest unfinished rollout, one compact row for
+every other), the latest decisions, drift flags, and devices that need attention last, next to the prompt.
+
+Invariants: rendering never fails on a dict from an older server (keys added with rollouts are read
+with defaults), and it only reads the dict: nothing here computes fleet state.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
+
+from edgeops.protocol.wire import STATES
+
+LARGE_FLEET = 50
+DECISIONS = 8
+FINISHED = ("completed", "superseded")
+_MARKS = {True: "✓", False: "✗", None: "…"}
 
 
 def _ago(timestamp: float | None) -> str:
@@ -16,29 +36,128 @@ def _ago(timestamp: float | None) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """Non-zero counts in execution-state order (unknown states last), e.g. `3 active, 1 failed`."""
+    order = [*STATES, *sorted(set(counts) - set(STATES))]
+    return ", ".join(f"{counts[state]} {state}" for state in order if counts.get(state)) or "none"
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def _add(table: Table, *cells: Any) -> None:
+    """Strings go in as plain text: a device's reason like "[/bold]" must not be read as rich markup."""
+    table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells))
+
+
 def render_status(data: dict[str, Any], console: Console) -> None:
-    devices = Table(title="devices")
-    devices.add_column("device", no_wrap=True)
-    for column in ("profile", "installed", "execution", "seen", "online", "calls", "errors", "p95 ms", "dropped"):
-        devices.add_column(column)
-    for d in data["devices"]:
-        execution = d["execution"]
-        state = f"r{execution['release_id']} {execution['state']}" if execution else "-"
-        if execution and execution["reason"]:
-            state += f" ({execution['reason']})"
-        installed = f"{d['installed_model']} {d['installed_version']}" if d["installed_version"] else "-"
+    """Print a status dict; see the module docstring for what shows when."""
+    devices = data.get("devices", [])
+    attention = data.get("attention", [])
+    large = len(devices) > LARGE_FLEET
+    if large:
+        needy = {a["device"] for a in attention}
+        states = Counter(d["execution"]["state"] if d.get("execution") else "no report" for d in devices)
+        online = sum(1 for d in devices if d.get("online"))
+        console.print(Text(f"{len(devices)} devices, {online} online: {_counts(states)}; "
+                           f"listing the {len(needy)} that need attention"))
+        devices = [d for d in devices if d["id"] in needy]
+    if devices or not large:
+        console.print(_devices(devices))
+    console.print(_releases(data.get("releases", [])))
+    _render_rollouts(data.get("rollouts", []), console)
+    _render_decisions(data.get("decisions", [])[:DECISIONS], console)
+    if data.get("drift"):
+        flags = _table("drift", "model", "version", "status", "devices")
+        for f in data["drift"]:
+            _add(flags, f["model"], f["version"], f["status"], ", ".join(f.get("devices", [])) or "-")
+        console.print(flags)
+    if attention:
+        needs = _table("needs attention", "device", "rollout", "reason")
+        for a in attention:
+            _add(needs, a["device"], "-" if a.get("rollout") is None else f"#{a['rollout']}", a.get("reason", ""))
+        console.print(needs)
+
+
+def _devices(devices: list[dict[str, Any]]) -> Table:
+    table = _table("devices", "device", "profile", "installed", "execution", "seen", "online", "calls", "errors",
+                   "p95 ms", "dropped")
+    table.columns[0].no_wrap = True
+    for d in devices:
+        execution = d.get("execution")
+        state = f"r{execution['release_id']} {execution['state']}" if execution else "-"  # reasons: decisions, attention
+        installed = f"{d['installed_model']} {d['installed_version']}" if d.get("installed_version") else "-"
         t = d.get("telemetry") or {}
         p95 = f"{t['p95_ms']:.2f}" if t.get("p95_ms") is not None else "-"
-        devices.add_row(d["id"], d["profile"], installed, state, _ago(d["last_seen"]), "yes" if d["online"] else "no",
-                        str(t.get("inferences", "-")), str(t.get("errors", "-")), p95, str(t.get("dropped", "-")))
-    console.print(devices)
-    releases = Table(title="releases")
-    for column in ("id", "model", "version", "selector", "bundles"):
-        releases.add_column(column)
-    for r in data["releases"]:
+        _add(table, d["id"], d["profile"], installed, state, _ago(d.get("last_seen")), "yes" if d.get("online") else "no",
+             str(t.get("inferences", "-")), str(t.get("errors", "-")), p95, str(t.get("dropped", "-")))
+    return table
+
+
+def _releases(releases: list[dict[str, Any]]) -> Table:
+    table = _table("releases", "id", "model", "version", "selector", "bundles")
+    for r in releases:
         selector = ",".join(f"{k}={v}" for k, v in r["selector"].items()) or "all"
-        releases.add_row(str(r["id"]), r["model"], r["version"], selector, ", ".join(t["profile"] for t in r["targets"]))
-    console.print(releases)
+        _add(table, str(r["id"]), r["model"], r["version"], selector, ", ".join(t["profile"] for t in r["targets"]))
+    return table
+
+
+def _render_rollouts(rollouts: list[dict[str, Any]], console: Console) -> None:
+    """A panel for each model's newest rollout unless it finished well; a row for every other, so a
+    long history stays one line a rollout."""
+    shown, compact = set(), []
+    for r in rollouts:  # newest first
+        if r["model"] in shown or r["state"] in FINISHED:
+            compact.append(r)
+        else:
+            console.print(_rollout_panel(r))
+        shown.add(r["model"])
+    if not compact:
+        return
+    table = _table("earlier rollouts", "rollout", "model", "version", "state", "stage", "active", "updated")
+    for r in compact:
+        stages = r.get("stages", [])
+        label = stages[r["stage"]]["label"] if 0 <= r.get("stage", -1) < len(stages) else "-"
+        _add(table, f"#{r['id']}", r["model"], r["version"], r["state"], label,
+             f"{r.get('counts', {}).get('active', 0)}/{r.get('targeted', 0)}", _ago(r.get("updated_at")))
+    console.print(table)
+
+
+def _rollout_panel(r: dict[str, Any]) -> Panel:
+    selector = ",".join(f"{k}={v}" for k, v in r.get("selector", {}).items()) or "all"
+    parts: list[Any] = [Text(f"selector {selector} · profiles {', '.join(r.get('profiles', [])) or '-'} · "
+                             f"{r.get('targeted', 0)} devices targeted")]
+    stages = Table.grid(padding=(0, 2))
+    for index, s in enumerate(r.get("stages", [])):
+        mark = "◀ current" if index == r.get("stage") else ("done" if s.get("done") else "")
+        failed = f"{s['failed']} failed" if s.get("failed") else ""
+        installing = s.get("assigned", 0) - s["active"] - s.get("failed", 0)
+        waiting = f"{installing} installing" if installing > 0 else ""
+        _add(stages, s["label"], ProgressBar(total=max(s["target"], 1), completed=s["active"], width=30),
+             f"{s['active']}/{s['target']} active", waiting, failed, mark)
+    parts += [stages, Text(f"executions: {_counts(r.get('counts', {}))}")]
+    if r.get("gates"):
+        gates = Table.grid(padding=(0, 2))
+        for g in r["gates"]:
+            _add(gates, _MARKS[g.get("ok")], g["name"], g["value"], g["threshold"], g.get("detail", ""))
+        parts.append(gates)
+    parts.append(Text(f"next: {r.get('next') or '-'}"))
+    return Panel(Group(*parts), title=Text(f"rollout #{r['id']} {r['model']} {r['version']} · {r['state']}"),
+                 title_align="left")
+
+
+def _render_decisions(decisions: list[dict[str, Any]], console: Console) -> None:
+    if not decisions:
+        return
+    table = _table(f"latest decisions (last {DECISIONS})", "time", "rollout", "actor", "action", "reason")
+    for d in decisions:
+        _add(table, time.strftime("%m-%d %H:%M:%S", time.localtime(d["t"])), f"#{d['rollout']}", d["actor"],
+             d["action"], d.get("reason", ""))
+    console.print(table)
 
 
 def render_drift(report: dict[str, Any], console: Console) -> None:

@@ -102,9 +102,14 @@ def test_init_writes_a_token_readable_by_the_owner_only(home):
     assert len(json.loads(config.read_text())["api_token"]) >= 40
 
 
+def _path(template: str) -> str:
+    return template.replace("{device_id}", "dev-a").replace("{rollout_id}", "1").replace("{action}", "pause")
+
+
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.auth], ids=lambda r: f"{r.method} {r.template}")
-def test_every_route_but_health_and_openapi_needs_the_token(api, route):
-    path = route.template.replace("{device_id}", "dev-a")
+def test_every_change_needs_the_token(api, route):
+    assert route.method == "POST"
+    path = _path(route.template)
     body = {"bundles": []} if route.body else None
     for token in (None, "wrong", ""):
         status, headers, data = call(api, route.method, path, body, token=token)
@@ -115,9 +120,13 @@ def test_every_route_but_health_and_openapi_needs_the_token(api, route):
     assert call(api, route.method, path, body, token=api._httpd.api.token + "x")[0] == 401
 
 
-def test_health_and_openapi_need_no_token(api):
+def test_reads_need_no_token_but_a_wrong_one_is_refused(api):
     assert call(api, "GET", "/v1/health", token=None)[2]["status"] == "ok"
     assert call(api, "GET", "/v1/openapi.json", token=None)[2]["openapi"].startswith("3.1")
+    assert [d["id"] for d in call(api, "GET", "/v1/devices", token=None)[2]["devices"]] == sorted(DEVICES)
+    assert all(not r.auth for r in ROUTES if r.method == "GET")
+    status, headers, data = call(api, "GET", "/v1/status", token="wrong")
+    assert status == 401 and "WWW-Authenticate" in headers, data
 
 
 def test_reads_answer_what_the_registry_holds(api, home):
@@ -144,8 +153,11 @@ def test_push_over_http_creates_the_release(api, home, releases):
     assert {t["profile"]: t["target"] for t in release["targets"]} == {p: releases[("1.0.0", p)].name for p in PROFILES}
     for target in release["targets"]:
         assert (home.repo / "targets" / f"{target['sha256']}.{target['target']}").is_file()
-    desired = call(api, "GET", "/v1/devices/dev-b")[2]["desired"]
-    assert (desired["release_id"], desired["target"]) == (1, releases[("1.0.0", "rpi4")].name)
+    rollout = call(api, "GET", "/v1/rollouts/1")[2]
+    assert (rollout["state"], rollout["stage"], rollout["plan"]["stages"]) == ("running", 0, ["1dev", "10%", "50%", "100%"])
+    assert [d["action"] for d in rollout["decisions"]] == ["start"]
+    # the engine (in `fleet serve`) assigns devices once they are online; these never connected
+    assert call(api, "GET", "/v1/devices/dev-b")[2]["desired"] is None
     assert call(api, "GET", "/v1/releases")[2]["releases"][0]["id"] == 1
 
 
@@ -360,8 +372,11 @@ def test_answers_conform_to_the_documented_schemas(api, releases):
     conforms(body, doc["paths"]["/v1/releases"]["post"]["requestBody"]["content"]["application/json"]["schema"], doc)
     status, _, data = call(api, "POST", "/v1/releases", body)
     conforms(data, response_schema(doc, "/v1/releases", "POST", status), doc)
-    for route in (r for r in ROUTES if r.method == "GET" and r.template != "/v1/openapi.json"):
-        path = route.template.replace("{device_id}", "dev-a")
+    json_reads = [r for r in ROUTES if r.method == "GET" and r.template != "/v1/openapi.json"
+                  and "application/json" in doc["paths"][r.template]["get"]["responses"]["200"]["content"]]
+    assert {r.template for r in json_reads} >= {"/v1/status", "/v1/rollouts", "/v1/rollouts/{rollout_id}", "/v1/series"}
+    for route in json_reads:
+        path = _path(route.template)
         status, _, data = call(api, "GET", path)
         assert status == 200, data
         conforms(data, response_schema(doc, route.template, "GET", status), doc, route.template)
@@ -388,16 +403,17 @@ def test_cli_push_over_http(api, home, releases, cli_ok):
     paths = [releases[("1.0.0", p)] for p in PROFILES]
     token = api._httpd.api.token
     result = cli_ok("push", *paths, "--fleet", api.url, "--token", token, "--select", "site=lab", "--json")
-    assert json.loads(result.stdout) == {"release": 1}
+    assert {k: v for k, v in json.loads(result.stdout).items() if k != "plan"} == {"release": 1, "rollout": 1}
     [release] = registry.releases(registry.open_db(home.db_path))
     assert (release["version"], release["selector"], len(release["targets"])) == ("1.0.0", {"site": "lab"}, 2)
-    assert cli_ok("push", paths[0], "--fleet", api.url, "--token", token).stdout.strip() == "release 2 pushed"
+    assert cli_ok("push", paths[0], "--fleet", api.url, "--token", token).stdout.startswith("release 2 pushed; rollout 2: stages 1dev,10%,50%,100%")
 
 
 def test_cli_over_http_fails_in_one_clear_line(api, releases, cli_error, monkeypatch, tmp_path):
     monkeypatch.delenv("EDGEOPS_TOKEN", raising=False)
     bundle = releases[("1.0.0", "rpi4")]
-    assert "--token or set EDGEOPS_TOKEN" in cli_error("status", "--fleet", api.url)
+    assert "--token or set EDGEOPS_TOKEN" in cli_error("push", bundle, "--fleet", api.url)
+    assert "--token or set EDGEOPS_TOKEN" in cli_error("rollout", "pause", "1", "--fleet", api.url)
     assert "wrong token" in cli_error("status", "--fleet", api.url, "--token", "nope")
     line = cli_error("push", bundle, "--fleet", api.url, "--token", "t", "--key", tmp_path / "targets.pem")
     assert "--key needs --fleet DIR" in line and "offline key" in line
