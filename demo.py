@@ -1,182 +1,229 @@
 """`edgeops demo`: the product end to end on its embedded defaults, with nothing to set up.
 
-Train a real model (an MLP on scikit-learn's bundled digits), build it for two boards whose
-profiles differ and compare what each got; then start the embedded broker and a fleet, enroll
-simulated agents on both profiles, push the release, and show every agent verify and install the
-bundle built for its own board. Then apps send traffic (real held-out digits), the broker goes down
-while they keep going, and the records buffered in the agents' outboxes arrive once it is back.
-Last, one device's inputs get dimmer: its drift windows alarm, the fleet flags the model version
-"retraining recommended", and the samples the devices captured are exported for retraining.
+Train a real model (an MLP on scikit-learn's bundled digits) and build it for two boards whose
+profiles differ; start the embedded broker, a fleet with its API and dashboard, and a dozen agents
+as real `edgeops agent run` processes; apps call each agent's inference API all along. Version 1
+rolls out in stages, gated by its health. Version 2, a smaller model trained on 4x4 thumbnails,
+breaks the apps (they send 8x8 images): it fails its error-rate gate on the canary and the fleet
+rolls it back by itself. Last, one device's camera gets dimmer: its drift windows alarm, the fleet
+flags the model version "retraining recommended", and the captured samples are exported.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-
 from rich.console import Console
 from rich.table import Table
 
-from edgeops.agent.service import Agent
+from edgeops.agent import api_client
 from edgeops.compiler.build import BuildRequest, build
-from edgeops.examples import train_digits_mlp
-from edgeops.fleet import registry
-from edgeops.fleet.drift import export
+from edgeops.examples import ExampleModel, train_digits_mlp
+from edgeops.fleet import registry, rollout
+from edgeops.fleet.api import ApiServer
+from edgeops.fleet.broker import EmbeddedBroker, free_port
+from edgeops.fleet.drift import export, flagged
 from edgeops.fleet.drift import report as drift_report
-from edgeops.fleet.broker import EmbeddedBroker
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import FleetHome, enroll_device, init_fleet, push
+from edgeops.fleet.plan import make_plan
 from edgeops.fleet.server import FleetServer
 from edgeops.fleet.views import render_drift, render_status
+from edgeops.protocol.errors import EdgeopsError
 
 # Two boards that want different things: int8 on a 512 MB Pi with an older onnxruntime, fp16 on a
 # Jetson whose GPU runs half precision.
 PROFILES = ("rpi-zero2w", "jetson-orin-nano-fp16")
-AGENTS_PER_PROFILE = 3
-CALLS_PER_AGENT = 40  # inference calls per agent in each traffic round
+AGENTS_PER_PROFILE = 6
+MODEL = "digits"
+# Short stages and bakes so the demo takes minutes; `edgeops push --help` shows the real defaults.
+PLAN = make_plan(stages="1dev,50%,100%", bake="3s", min_calls=20, abort="failed>10%,min=2")
 # Short drift windows so the demo sees several; devices capture a few samples per window for retraining.
 AGENT_SETTINGS = {"drift_window": 100, "capture": 8, "metrics_interval_s": 5.0}
-DRIFT_BATCHES, DRIFT_BATCH = 15, 20  # per agent: 300 samples in the drift round, 3 windows
+CALL_INTERVAL_S = 0.1  # each app calls its agent ten times a second
+DRIFT_BATCH = 20  # samples per call once the drift round starts
 DIMMED = "rpi-zero2w-3"  # the device whose camera gets dimmer in the drift round
-DEMO_FOLDERS = ("model", "bundles", "fleet", "devices")
-DELIVERY_TIMEOUT_S = 120
+DEMO_FOLDERS = ("model", "model-v2", "bundles", "fleet", "devices", "retrain")
+TIMEOUT_S = 180
 
 
-def run_demo(workdir: Path, console: Console) -> list[dict[str, Any]]:
-    """Train, build for each demo profile, print the comparison; return the build reports.
-
-    Reruns start over: the demo's own subfolders of `workdir` from an earlier run are replaced.
-    """
+def run_demo(workdir: Path, console: Console, keep_running: bool = False) -> dict[str, Any]:
+    """Run the demo in `workdir` (its own subfolders from an earlier run are replaced); return the
+    build reports of v1 and the fleet's final status."""
     workdir = Path(workdir)
     for previous in DEMO_FOLDERS:
         shutil.rmtree(workdir / previous, ignore_errors=True)
-    with console.status("training an MLP on scikit-learn's digits"):
-        example = train_digits_mlp(workdir / "model")
-    console.print(f"trained {example.name}: {example.onnx}")
+    with console.status("training v1 (8x8 digits) and v2 (4x4 thumbnails) on scikit-learn's digits"):
+        v1_model = train_digits_mlp(workdir / "model")
+        v2_model = train_digits_mlp(workdir / "model-v2", thumbnail=True)
+    v1 = _build_all(v1_model, "1.0.0", workdir / "bundles", console)
+    console.print(comparison(v1))
+    v2 = _build_all(v2_model, "2.0.0", workdir / "bundles", console)
+    samples = dict(np.load(v1_model.eval))
+    samples.pop("labels")
+    with Demo(workdir, console) as demo:
+        demo.start_agents()
+        demo.apps_start(samples)
+        demo.roll_out([Path(r["bundle"]) for r in v1], "v1: the model the apps were written for")
+        demo.roll_out([Path(r["bundle"]) for r in v2], "v2: retrained on 4x4 thumbnails, smaller, but the apps send 8x8")
+        demo.drift_round()
+        status = registry.status(demo.db)
+        render_status(status, console)
+        console.print(f"\ndashboard: [bold]{demo.api.url}/[/bold] (read-only; add #token=<api_token from "
+                      f"{workdir / 'fleet' / 'fleet.json'}> to steer rollouts)")
+        if keep_running:
+            demo.wait_for_interrupt()
+    return {"builds": v1, "status": status}
+
+
+def _build_all(model: ExampleModel, version: str, outdir: Path, console: Console) -> list[dict[str, Any]]:
     reports = []
     for profile in PROFILES:
-        with console.status(f"building for {profile}") as status:
-            request = BuildRequest(example.onnx, profile, example.calib, example.eval, name=example.name,
-                                   outdir=workdir / "bundles")
-            reports.append(build(request, progress=lambda message, p=profile: status.update(f"{p}: {message}")))
-    console.print(comparison(reports))
-    samples = dict(np.load(example.eval))
-    samples.pop("labels")
-    status = deliver(workdir, [Path(r["bundle"]) for r in reports], samples, console)
-    render_status(status, console)
+        with console.status(f"building {version} for {profile}") as status:
+            request = BuildRequest(model.onnx, profile, model.calib, model.eval, name=MODEL, version=version, outdir=outdir)
+            reports.append(build(request, progress=lambda message, p=profile: status.update(f"{version} {p}: {message}")))
     return reports
 
 
-def deliver(workdir: Path, bundles: list[Path], samples: dict[str, np.ndarray], console: Console) -> dict[str, Any]:
-    """Fleet + embedded broker + simulated agents in this process: push and wait until all are
-    active, then traffic, an outage with more traffic, and the buffered telemetry arriving after it."""
-    port = _free_port()
-    # amqtt logs tracebacks of its own races when many clients reconnect at once after the outage;
-    # the clients retry and the demo checks every record arrived, so keep its output readable.
-    for noisy in ("amqtt", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    broker = EmbeddedBroker("127.0.0.1", port).start()
-    home = init_fleet(workdir / "fleet", broker.url)
-    devices = {f"{profile}-{n}": profile for profile in PROFILES for n in range(1, AGENTS_PER_PROFILE + 1)}
-    for device_id, profile in devices.items():
-        enroll_device(home, device_id, profile, {"site": "demo"}, workdir / "devices" / device_id, AGENT_SETTINGS)
-    server = FleetServer(home, broker.url).start()
-    stop = threading.Event()
-    agents = [Agent(workdir / "devices" / device_id) for device_id in devices]
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    for thread in threads:
-        thread.start()
-    try:
-        db = registry.open_db(home.db_path)
-        with console.status("pushing the release to the fleet") as progress:
-            release = push(home, bundles, {"site": "demo"})
-            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+class Demo:
+    """The running parts: embedded broker, fleet server and API, agent processes, the apps' traffic."""
+
+    def __init__(self, workdir: Path, console: Console):
+        self.workdir, self.console = workdir, console
+        self.devices = {f"{profile}-{n}": profile for profile in PROFILES for n in range(1, AGENTS_PER_PROFILE + 1)}
+        self.stop = threading.Event()
+        self.dimmed = threading.Event()
+        self.agents: list[subprocess.Popen] = []
+        self.apps: list[threading.Thread] = []
+
+    def __enter__(self) -> "Demo":
+        # amqtt logs its own races when many clients connect at once; the clients retry.
+        for noisy in ("amqtt", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+        self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+        self.home = init_fleet(self.workdir / "fleet", self.broker.url)
+        for device_id, profile in self.devices.items():
+            enroll_device(self.home, device_id, profile, {"site": "demo"}, self.workdir / "devices" / device_id, AGENT_SETTINGS)
+        self.db = registry.open_db(self.home.db_path)
+        self.server = FleetServer(self.home, self.broker.url).start()
+        self.api = ApiServer(FleetHome.open(self.home.path), "127.0.0.1:0").start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for app in self.apps:
+            app.join(timeout=10)
+        for agent in self.agents:
+            agent.terminate()
+        for agent in self.agents:
+            try:
+                agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        self.api.stop()
+        self.server.stop()
+        self.broker.stop()
+
+    def start_agents(self) -> None:
+        """Each device is an `edgeops agent run` process with its inference API on a free port."""
+        for device_id in self.devices:
+            device_dir = self.workdir / "devices" / device_id
+            with open(device_dir / "agent.log", "w") as log:
+                self.agents.append(subprocess.Popen([sys.executable, "-m", "edgeops", "agent", "run", str(device_dir),
+                                                     "--api", "127.0.0.1:0"], stdout=log, stderr=log))
+        self._wait("agents starting", lambda: self._online(), len(self.devices),
+                   lambda n: f"{n}/{len(self.devices)} agent processes online")
+        self.console.print(f"{len(self.devices)} agents running as processes, {AGENTS_PER_PROFILE} per board, "
+                           f"each serving inference on 127.0.0.1")
+
+    def _online(self) -> int:
+        ready = sum(1 for d in self.devices if (self.workdir / "devices" / d / "state" / "api.json").exists())
+        online = self.db.execute("select count(*) from devices where online = 1").fetchone()[0]
+        return min(ready, online)
+
+    def apps_start(self, samples: dict[str, np.ndarray]) -> None:
+        """One app per device calls its agent's API with held-out digits, as a camera app would."""
+        for device_id in self.devices:
+            app = threading.Thread(target=self._app, args=(device_id, samples), daemon=True)
+            app.start()
+            self.apps.append(app)
+
+    def _app(self, device_id: str, samples: dict[str, np.ndarray]) -> None:
+        rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
+        device_dir = self.workdir / "devices" / device_id
+        count = len(next(iter(samples.values())))
+        while not self.stop.wait(CALL_INTERVAL_S):
+            size = DRIFT_BATCH if self.dimmed.is_set() else 1
+            picks = rng.integers(0, count, size)
+            dim = 0.5 if self.dimmed.is_set() and device_id == DIMMED else 1.0
+            try:
+                api_client.infer(device_dir, {name: values[picks] * dim for name, values in samples.items()})
+            except EdgeopsError:
+                pass  # no model yet, or one that refuses these inputs: the agent counts that as an error
+
+    def roll_out(self, bundles: list[Path], title: str) -> None:
+        """Push a release with the demo's plan and follow its rollout until it completes or rolls back."""
+        self.console.rule(title)
+        rollout_id = push(self.home, bundles, {"site": "demo"}, plan=PLAN)
+        self.console.print(f"pushed release {rollout_id}: stages {','.join(PLAN.to_dict()['stages'])}, bake {PLAN.bake_s:g}s, "
+                           f"at least {PLAN.min_calls} calls per stage, rollback on a failed gate")
+
+        def settled() -> int:
+            summary = rollout.summary(self.db, rollout_id)
+            if summary["state"] == "rolled-back":  # settled once every device is back on what it ran before
+                back = self.db.execute("select count(*) from devices where installed_version != ?",
+                                       [summary["version"]]).fetchone()[0]
+                return back == len(self.devices)
+            return summary["state"] not in rollout.OPEN
+
+        def progress(_: Any) -> str:
+            s = rollout.summary(self.db, rollout_id)
+            stages = " ".join(f"{st['label']}:{st['active']}/{st['target']}" for st in s["stages"])
+            return f"rollout {rollout_id} {s['state']} [{stages}] {s['next']}"
+
+        self._wait(f"rollout {rollout_id}", settled, True, progress)
+        for decision in reversed(rollout.decisions(self.db, rollout_id)):
+            self.console.print(f"  {decision['actor']:>8} {decision['action']:<9} {decision['reason']}")
+
+    def drift_round(self) -> None:
+        """The apps send batches; DIMMED's camera delivers half-bright pixels until the fleet flags it."""
+        self.console.rule(f"drift: the camera of {DIMMED} gets dimmer")
+        self.dimmed.set()
+        self._wait("drift windows", lambda: any(DIMMED in f["devices"] for f in flagged(self.db)), True,
+                   lambda _: f"drift windows at the fleet: {self.db.execute(_DRIFT_WINDOWS).fetchone()[0]}")
+        self.dimmed.clear()
+        render_drift(drift_report(self.db, MODEL), self.console)
+        written = export(self.db, MODEL, None, self.workdir / "retrain")
+        self.console.print(f"retraining dataset: {written['samples']} captured samples in {self.workdir / 'retrain'}")
+
+    def _wait(self, what: str, measure: Callable[[], Any], goal: Any, describe: Callable[[Any], str]) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        with self.console.status(what) as status:
             while time.monotonic() < deadline:
-                active = db["executions"].count_where("release_id = ? and state = 'active'", [release])
-                progress.update(f"release {release}: {active}/{len(agents)} agents verified and installed it")
-                if active == len(agents):
-                    break
-                time.sleep(0.2)
-        traffic(agents, samples)
-        _wait_for_records(db, len(agents) * CALLS_PER_AGENT, console, "inference records reaching the fleet")
-        console.print(f"{len(agents)} agents served {len(agents) * CALLS_PER_AGENT} inferences; the fleet has their records")
-        broker.stop()
-        traffic(agents, samples)
-        for agent in agents:
-            agent.telemetry.flush()  # what the recorder thread does every 50 ms
-        console.print(f"broker down: {len(agents) * CALLS_PER_AGENT} more inferences served and kept in the agents' outboxes "
-                      f"({sum(a.telemetry.outbox.count() for a in agents)} records waiting)")
-        broker = EmbeddedBroker("127.0.0.1", port).start()
-        _wait_for_records(db, 2 * len(agents) * CALLS_PER_AGENT, console, "the buffered records after the outage")
-        console.print("broker back: every record made during the outage arrived, none twice")
-        drift_round(agents, samples)
-        report = _wait_for_flag(db, console)
-        render_drift(report, console)
-        written = export(db, report["versions"][0]["model"], None, workdir / "retrain")
-        console.print(f"retraining dataset: {written['samples']} captured samples in {workdir / 'retrain'}")
-        return registry.status(db)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-        server.stop()
-        broker.stop()
+                value = measure()
+                if value == goal:
+                    return
+                status.update(describe(value))
+                time.sleep(0.25)
+        raise EdgeopsError(f"the demo timed out waiting for {what}; agent logs are in {self.workdir / 'devices'}")
+
+    def wait_for_interrupt(self) -> None:
+        self.console.print("fleet, agents and apps keep running; Ctrl-C stops them")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
-def traffic(agents: list[Agent], samples: dict[str, np.ndarray]) -> None:
-    """Each agent classifies CALLS_PER_AGENT real held-out digits, one call each, as an app would."""
-    for agent in agents:
-        for i in range(CALLS_PER_AGENT):
-            agent.infer({name: values[i : i + 1] for name, values in samples.items()})
-
-
-def drift_round(agents: list[Agent], samples: dict[str, np.ndarray]) -> None:
-    """Every agent classifies more held-out digits in batches; on DIMMED the pixels come in at half
-    brightness, as from a camera whose exposure changed."""
-    rng = np.random.default_rng(7)
-    for agent in agents:
-        for _ in range(DRIFT_BATCHES):
-            picks = rng.integers(0, len(next(iter(samples.values()))), DRIFT_BATCH)
-            batch = {name: values[picks] * (0.5 if agent.config.id == DIMMED else 1.0) for name, values in samples.items()}
-            agent.infer(batch)
-
-
-def _wait_for_flag(db, console: Console) -> dict[str, Any]:
-    """The drift report once the fleet has every device's drift windows and has flagged the dimmed one."""
-    expected = len(list(db.query("select id from devices"))) * DRIFT_BATCHES * DRIFT_BATCH // AGENT_SETTINGS["drift_window"]
-    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    with console.status("waiting for the drift windows") as progress:
-        while time.monotonic() < deadline:
-            windows = db.execute("select count(*) from telemetry where kind = 'drift'").fetchone()[0]
-            progress.update(f"drift windows at the fleet: {windows}/{expected}")
-            if windows >= expected:
-                return drift_report(db)
-            time.sleep(0.2)
-    raise TimeoutError(f"only {windows} of {expected} drift windows reached the fleet")
-
-
-def _wait_for_records(db, expected: int, console: Console, what: str) -> None:
-    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    with console.status(f"waiting for {what}") as progress:
-        while time.monotonic() < deadline:
-            got = db.execute("select count(*) from telemetry where kind = 'inference'").fetchone()[0]
-            progress.update(f"{what}: {got}/{expected}")
-            if got >= expected:
-                return
-            time.sleep(0.2)
-    raise TimeoutError(f"only {got} of {expected} inference records reached the fleet")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_DRIFT_WINDOWS = "select count(*) from telemetry where kind = 'drift'"
 
 
 def comparison(reports: list[dict[str, Any]]) -> Table:
