@@ -99,6 +99,7 @@ class Raw:
 
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class FleetApi:
@@ -168,12 +169,12 @@ class FleetApi:
         return 200, Raw(content_type, body)
 
     def dashboard(self, name: str = "") -> tuple[int, Any]:
-        from edgeops.fleet.dashboard import asset
+        from edgeops.fleet.dashboard import HEADERS, asset
 
         found = asset(f"/ui/{name}" if name else "/")
         if found is None:
             raise ApiError(404, f"no dashboard file {name!r}")
-        return 200, Raw(*found)
+        return 200, Raw(*found, tuple(HEADERS.items()))
 
     def releases(self) -> tuple[int, Any]:
         return 200, {"releases": self._read(registry.releases)}
@@ -353,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", raw.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        for name, value in headers.items():
+        for name, value in [*headers.items(), *raw.headers]:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)

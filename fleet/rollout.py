@@ -282,7 +282,7 @@ def _assign(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now:
 
 def health(db: sqlite_utils.Database, r: _Rollout, view: _View) -> list[Gate]:
     """Install success, then error rate, p95 latency and drift of the new version against the
-    previous versions of the model on the same devices."""
+    versions of the model released before it, on the same devices."""
     plan, gates = r.plan, []
     settled, failed = view.count(SETTLED), view.count(FAILED)
     need = min(plan.min_devices, len(view.assigned)) or 1
@@ -291,7 +291,8 @@ def health(db: sqlite_utils.Database, r: _Rollout, view: _View) -> list[Gate]:
                       None if settled < need else 100.0 * failed / settled <= plan.failed_pct))
     active = [d for d, s in view.executions.items() if s == "active"]
     new = _calls(db, r.model, "version = ?", [r.version], active, 0.0)
-    old = _calls(db, r.model, "version != ?", [r.version], active, r.created_at - BASELINE_S)
+    old = _calls(db, r.model, "version in (select version from releases where model = ? and id < ? and version != ?)",
+                 [r.model, r.id, r.version], active, r.created_at - BASELINE_S)
     enough = len(new) >= max(1, plan.min_calls) or (plan.min_calls == 0 and active)
     sample = f"{len(new)}/{plan.min_calls} calls"
     if not enough:

@@ -362,12 +362,15 @@ def test_agent_infer_records_each_call(slot_releases, pixels, tmp_path):
     manifest = agent.serving.served.manifest
     sizes = [1, 3, 16, 2, 5, 1, 7]
     outputs = [agent.infer({"pixels": pixels[:n]}) for n in sizes]
-    with pytest.raises(InvalidInput):  # refused before the model runs: nothing to record
+    with pytest.raises(InvalidInput):  # refused before the model runs, and recorded as an error
         agent.infer({"pixels": pixels[:1, :10]})
 
-    assert agent.telemetry.flush() == len(sizes)
-    records = agent.telemetry.outbox.pending(1000)
+    assert agent.telemetry.flush() == len(sizes) + 1
+    *records, refused = agent.telemetry.outbox.pending(1000)
     assert [r.kind for r in records] == ["inference"] * len(sizes)
+    body = json.loads(refused.body)
+    assert (refused.kind, body["ok"], body["version"]) == ("inference", False, "1.0.0")
+    assert body["error"].startswith("invalid input: input pixels has shape [1, 10]")
     seqs = [r.seq for r in records]
     assert seqs == sorted(set(seqs)) and [r.t for r in records] == sorted(r.t for r in records)
     for record, n, out in zip(records, sizes, outputs):

@@ -1,0 +1,338 @@
+"""The web dashboard in a real headless Chromium (the system's, driven by Playwright) against a live
+fleet: the embedded broker, a FleetServer running the rollout engine, the HTTP API, and three real
+agents serving the digits MLP. Version 1.0.0 went out to every lab device and completed; 1.1.0 is
+running, its one canary baking for an hour. The agents answered real inferences on both versions.
+
+The page must show what the API says (devices, rollouts, series, one device's page), stay
+read-only without the operator token, offer and perform rollout actions with it, render text from
+the API as text, and load nothing from anywhere but the fleet. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgeops.agent.service import Agent
+from edgeops.fleet.api import ApiServer
+from edgeops.fleet.broker import EmbeddedBroker
+from edgeops.fleet.dashboard import STATIC, asset
+from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.plan import make_plan
+from edgeops.fleet.server import FleetServer
+from fleetkit import free_port, wait_for
+from realparts import missing
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LAB = {"dev-a": {"site": "lab", "ring": "canary"}, "dev-b": {"site": "lab"}, "dev-c": {"site": "lab"}}
+SHELF = ("shelf-1", "rpi4", {"site": "depot", "note": "<img src=x onerror=window.pwned=1>"})  # never runs
+CALLS = 30  # inferences per agent on each version it runs
+STATES_ACTIONS = {"running": {"pause", "abort", "rollback"}, "paused": {"resume", "abort", "rollback"},
+                  "completed": {"rollback"}, "aborted": {"rollback"}, "superseded": {"rollback"}}
+DEADLINE_S = 20  # for the page to catch up with the API; it refreshes every 2 s
+REFUSED = "Failed to load resource: the server responded with a status of 4"  # Chromium's note on a 4xx the page handles
+
+
+def test_assets_are_the_static_files_and_nothing_else():
+    assert asset("/") == ("text/html; charset=utf-8", (STATIC / "index.html").read_bytes())
+    assert asset("/ui/app.js")[0] == "text/javascript; charset=utf-8"
+    assert asset("/ui/style.css")[0] == "text/css; charset=utf-8"
+    for path in ("/ui/../dashboard.py", "/ui/%2e%2e/api.py", "/ui/", "/ui/.hidden.js", "/ui/missing.js",
+                 "/ui/static/app.js", "/index.html", "/ui/app.js/", "//ui/app.js"):
+        assert asset(path) is None, path
+    assert asset("/ui/" + "../" * 8 + "etc/passwd") is None
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(url + path, timeout=10) as answer:
+        return json.load(answer)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path is None:
+        missing("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        missing(f"playwright is not installed ({exc}; pip install playwright)")
+    executable = chromium()  # the system's: Playwright never downloads a browser here
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(slot_releases, digits_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboard")
+    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+    home = init_fleet(root / "fleet", broker.url)
+    quiet = {"metrics_interval_s": 3600, "drift_window": 20}
+    for device_id, labels in LAB.items():
+        enroll_device(home, device_id, "x86-vnni", labels, root / device_id, agent=quiet)
+    enroll_device(home, SHELF[0], SHELF[1], SHELF[2], root / SHELF[0])
+    server = FleetServer(home, broker.url).start()
+    api = ApiServer(home, "127.0.0.1:0").start()
+    stop = threading.Event()
+    agents = [Agent(root / device_id) for device_id in LAB]
+    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
+    for thread in threads:
+        thread.start()
+    pixels = np.load(digits_model.eval)["pixels"]
+    try:
+        v1 = push(home, [slot_releases.v1], {"site": "lab"}, plan=make_plan(stages="100%", bake=0, min_calls=0))
+        wait_for(lambda: get(api.url, f"/v1/rollouts/{v1}")["state"] == "completed", "1.0.0 to complete")
+        serve(agents, pixels)
+        v2 = push(home, [slot_releases.v2], {"site": "lab"}, plan=make_plan(stages="1dev,100%", bake="1h", min_calls=0))
+        canary = wait_for(lambda: next((a for a in agents if (a.installed() or {}).get("version") == "1.1.0"), None),
+                          "a canary to run 1.1.0")
+        serve([canary], pixels)
+        model = get(api.url, f"/v1/rollouts/{v2}")["model"]
+        wait_for(lambda: calls(api.url, model) == {"1.0.0": CALLS * len(agents), "1.1.0": CALLS},
+                 "every inference to reach the fleet")
+        wait_for(lambda: get(api.url, f"/v1/rollouts/{v2}")["stages"][0]["active"] == 1, "the canary to count as active")
+        yield SimpleNamespace(url=api.url, token=home.config["api_token"], v1=v1, v2=v2, model=model,
+                              canary=canary.config.id)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        api.stop()
+        server.stop()
+        broker.stop()
+
+
+def serve(agents: list[Agent], pixels: np.ndarray) -> None:
+    for agent in agents:
+        for i in range(CALLS):
+            agent.infer({"pixels": pixels[i : i + 1]})
+
+
+def calls(url: str, model: str) -> dict[str, int]:
+    series = get(url, f"/v1/series?model={model}&bucket=3600")
+    return {v["version"]: sum(p["calls"] for p in v["points"]) for v in series["versions"]}
+
+
+@pytest.fixture
+def page(browser, fleet):
+    """A fresh tab (own sessionStorage) that records every request and every error the page makes."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    requests, errors = [], []
+    tab.on("request", lambda request: requests.append(request.url))
+    tab.on("console", lambda message: message.type == "error" and not message.text.startswith(REFUSED)
+           and errors.append(message.text))
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    yield tab
+    context.close()
+    assert errors == []
+    foreign = [u for u in requests if not u.startswith(fleet.url + "/") and not u.startswith("data:")]
+    assert foreign == [], "the dashboard loads only from the fleet"
+
+
+def eventually(shown, expected, what: str):
+    """Once the page shows what the API says (both read again each round), within DEADLINE_S."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        seen, want = shown(), expected()
+        if seen == want or time.monotonic() > deadline:
+            assert seen == want, what
+            return seen
+        time.sleep(0.2)
+
+
+def open_dashboard(page, fleet, fragment: str = "/") -> None:
+    page.goto(f"{fleet.url}/#{fragment}")
+    page.get_by_test_id("updated").filter(has_text="updated").wait_for(timeout=DEADLINE_S * 1000)
+
+
+SHOWN_DEVICES = """() => [...document.querySelectorAll('#device-rows tr')].map(tr => {
+  const cell = (id) => tr.querySelector(`[data-testid=${id}]`).textContent;
+  return {row: tr.dataset.testid, id: cell('device-link'), profile: cell('profile'), online: cell('online'),
+          installed: cell('installed'), execution: cell('execution'),
+          labels: [...tr.querySelectorAll('[data-testid=labels] .chip')].map(c => c.textContent)};
+})"""
+
+SHOWN_ROLLOUTS = """() => [...document.querySelectorAll('article[data-testid^=rollout-]')].map(card => {
+  const text = (el) => el.textContent;
+  const all = (selector) => [...card.querySelectorAll(selector)];
+  return {card: card.dataset.testid, release: text(card.querySelector('[data-testid=release]')),
+          state: text(card.querySelector('[data-testid=state]')),
+          next: text(card.querySelector('[data-testid=next]')).replace(/[0-9]+/g, 'N'),
+          stages: all('[data-testid^=stage-] .numbers').map(text),
+          counts: Object.fromEntries(all('[data-testid^=count-]').map(c => [c.dataset.testid.slice(6), c.innerText])),
+          gates: all('tr[data-testid^=gate-]').map(tr => [...tr.cells].slice(0, 4).map(text)),
+          decisions: all('[data-testid^=decision-]').map(li => [li.dataset.testid, li.querySelector('b').textContent]),
+          actions: all('[data-testid^=action-]').map(b => b.textContent).sort()};
+})"""
+
+SHOWN_CHARTS = """(model) => {
+  const box = document.querySelector(`[data-testid="charts-${model}"]`);
+  if (!box) return null;
+  return {legend: [...box.querySelectorAll('.legend li')].map(li => li.textContent),
+          charts: Object.fromEntries([...box.querySelectorAll('figure')].map(f => [f.dataset.testid,
+            Object.fromEntries([...f.querySelectorAll('g[data-version]')].map(g =>
+              [g.dataset.version, g.querySelectorAll('circle').length]))]))};
+}"""
+
+
+def api_devices(fleet) -> list[dict]:
+    return [{"row": f"device-{d['id']}", "id": d["id"], "profile": d["profile"],
+             "online": "online" if d["online"] else "offline",
+             "installed": f"{d['installed_model']} {d['installed_version']}" if d["installed_version"] else "-",
+             "execution": f"r{d['execution']['release_id']} {d['execution']['state']}" if d["execution"] else "-",
+             "labels": [f"{k}={v}" for k, v in d["labels"].items()]}
+            for d in get(fleet.url, "/v1/devices")["devices"]]
+
+
+def api_rollouts(fleet, operator: bool = False) -> list[dict]:
+    found = []
+    for r in get(fleet.url, "/v1/rollouts")["rollouts"]:
+        decisions = get(fleet.url, f"/v1/rollouts/{r['id']}")["decisions"][:5]
+        found.append({
+            "card": f"rollout-{r['id']}", "release": f"{r['model']} {r['version']}", "state": r["state"],
+            "next": "next: " + re.sub(r"[0-9]+", "N", r["next"]),
+            "stages": [f"{s['active']}/{s['target']} active, {s['assigned']} assigned"
+                       + (f", {s['failed']} failed" if s["failed"] else "") for s in r["stages"]],
+            "counts": {state: f"{n} {state}" for state, n in r["counts"].items()},
+            "gates": [[g["name"], g["value"], g["threshold"], "waiting" if g["ok"] is None else "ok" if g["ok"] else "failing"]
+                      for g in r["gates"]],
+            "decisions": [[f"decision-{d['id']}", d["action"]] for d in decisions],
+            "actions": sorted(STATES_ACTIONS.get(r["state"], ())) if operator else []})
+    return found
+
+
+def api_charts(fleet, bucket: int) -> dict:
+    series = get(fleet.url, f"/v1/series?model={fleet.model}&bucket={bucket}")["versions"]
+    return {"legend": [v["version"] for v in series],
+            "charts": {f"chart-{key}": {v["version"]: sum(map(has, v["points"])) for v in series} for key, has in (
+                ("p95_ms", lambda p: p["p95_ms"] is not None), ("error_rate", lambda p: p["error_rate"] is not None),
+                ("drift_alarms", lambda p: p["drift_windows"] > 0))}}
+
+
+def test_overview_shows_what_the_api_says_read_only(page, fleet):
+    open_dashboard(page, fleet)
+    shown = eventually(lambda: page.evaluate(SHOWN_DEVICES), lambda: api_devices(fleet), "device rows = GET /v1/devices")
+    assert {d["id"] for d in shown} == {*LAB, SHELF[0]}
+    assert {d["installed"].split()[-1] for d in shown if d["id"] in LAB} == {"1.0.0", "1.1.0"}
+    rollouts = eventually(lambda: page.evaluate(SHOWN_ROLLOUTS), lambda: api_rollouts(fleet),
+                          "rollout cards = GET /v1/rollouts")
+    assert [r["state"] for r in rollouts] == ["running", "completed"]
+    assert rollouts[0]["stages"][0].startswith("1/1 active") and rollouts[1]["counts"]["active"] == "3 active"
+    for bucket in (60, 10):
+        page.get_by_test_id("bucket").select_option(str(bucket))
+        charts = eventually(lambda: page.evaluate(SHOWN_CHARTS, fleet.model), lambda: api_charts(fleet, bucket),
+                            f"one line per version = GET /v1/series?bucket={bucket}")
+        assert charts["legend"] == ["1.0.0", "1.1.0"] and all(charts["charts"]["chart-p95_ms"].values())
+
+    assert page.get_by_test_id("mode").text_content() == "read-only"
+    assert page.locator("button[data-testid^=action-]").count() == 0
+    # a label is text, however much it looks like HTML
+    assert page.get_by_test_id(f"device-{SHELF[0]}").get_by_text(f"note={SHELF[2]['note']}").count() == 1
+    assert page.locator("img").count() == 0 and page.evaluate("window.pwned") is None
+    for path in ("/ui/..%2fapi.py", "/ui/%2e%2e%2f%2e%2e%2ffleet%2ffleet.json", "/ui/dashboard.py"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(fleet.url + path, timeout=10)
+        assert refused.value.code == 404, path
+
+
+def test_filter_narrows_the_device_table(page, fleet):
+    open_dashboard(page, fleet)
+    rows = page.locator("#device-rows tr")
+    rows.nth(len(LAB)).wait_for()
+
+    def shown() -> set[str]:
+        return {row.get_attribute("data-testid") for row in rows.all()}
+
+    page.get_by_test_id("device-filter").fill("canary")
+    assert shown() == {"device-dev-a"}
+    page.get_by_test_id("device-filter").fill(fleet.canary)
+    assert shown() == {f"device-{fleet.canary}"}
+    page.get_by_test_id("device-filter").fill("site=lab x86")
+    assert shown() == {f"device-{d}" for d in LAB}
+    page.get_by_test_id("device-filter").fill("")
+    page.get_by_test_id("online-filter").select_option("offline")
+    assert shown() == {f"device-{SHELF[0]}"}
+    assert page.get_by_test_id("device-count").text_content() == f"1 of {len(LAB) + 1}"
+    page.get_by_test_id("online-filter").select_option("online")
+    page.get_by_test_id("device-filter").fill("rpi4")
+    assert shown() == set()
+
+
+def test_device_page_shows_the_device(page, fleet):
+    open_dashboard(page, fleet)
+    page.get_by_test_id(f"device-{fleet.canary}").get_by_test_id("device-link").click()
+    detail = page.get_by_test_id(f"device-detail-{fleet.canary}")
+    detail.wait_for(timeout=DEADLINE_S * 1000)
+    assert page.url.endswith(f"#/devices/{fleet.canary}")
+    releases = {r["id"]: f"r{r['id']} {r['model']} {r['version']}" for r in get(fleet.url, "/v1/releases")["releases"]}
+
+    def shown() -> dict:
+        return {"profile": detail.get_by_test_id("field-profile").text_content(),
+                "labels": detail.get_by_test_id("field-labels").locator(".chip").all_text_contents(),
+                "installed": detail.get_by_test_id("field-installed").text_content(),
+                "history": [row.locator("td").all_text_contents()[:2] for row in detail.locator("tr[data-testid^=history-]").all()],
+                "calls": detail.get_by_test_id("field-calls").text_content()}
+
+    def expected() -> dict:
+        d = get(fleet.url, f"/v1/devices/{fleet.canary}")
+        return {"profile": d["profile"], "labels": [f"{k}={v}" for k, v in d["labels"].items()],
+                "installed": f"{d['installed_model']} {d['installed_version']} ({d['installed_target']}, slot {d['slot']})",
+                "history": [[releases[x["release_id"]], x["state"]] for x in d["history"]],
+                "calls": str(d["telemetry"]["inferences"])}
+
+    seen = eventually(shown, expected, "the device page = GET /v1/devices/ID")
+    assert [h[0] for h in seen["history"]] == [releases[fleet.v2], releases[fleet.v1]]
+    assert detail.get_by_test_id("device-id").text_content() == fleet.canary
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-device.png"), full_page=True)
+
+    page.goto(f"{fleet.url}/#/devices/no-such-device")
+    page.get_by_test_id("device-missing").wait_for(timeout=DEADLINE_S * 1000)
+
+
+def test_operator_token_enables_rollout_actions(page, fleet):
+    open_dashboard(page, fleet, f"token={fleet.token}")
+    assert page.get_by_test_id("mode").text_content() == "operator"
+    assert fleet.token not in page.url  # the token leaves the address bar and the history
+    eventually(lambda: page.evaluate(SHOWN_ROLLOUTS), lambda: api_rollouts(fleet, operator=True),
+               "each rollout's actions, as its state allows")
+
+    running = page.get_by_test_id(f"rollout-{fleet.v2}")
+    running.get_by_test_id("action-pause").click()
+    wait_for(lambda: get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "paused", "the pause to reach the fleet",
+             DEADLINE_S)
+    running.get_by_test_id("action-resume").wait_for(timeout=DEADLINE_S * 1000)
+    assert running.get_by_test_id("state").text_content() == "paused"
+    decision = get(fleet.url, f"/v1/rollouts/{fleet.v2}")["decisions"][0]
+    assert (decision["actor"], decision["action"]) == ("operator", "pause")
+    running.get_by_test_id(f"decision-{decision['id']}").wait_for(timeout=DEADLINE_S * 1000)
+    running.get_by_test_id("action-resume").click()
+    running.get_by_test_id("action-pause").wait_for(timeout=DEADLINE_S * 1000)
+    assert get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "running"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+    page.get_by_test_id("forget-token").click()
+    assert page.get_by_test_id("mode").text_content() == "read-only"
+    assert page.locator("button[data-testid^=action-]").count() == 0  # at once, not at the next refresh
+    page.get_by_test_id("token-input").fill("not-the-token")
+    page.get_by_test_id("token-input").press("Enter")
+    running.get_by_test_id("action-pause").click()
+    page.get_by_test_id("notice").filter(has_text="wrong token").wait_for(timeout=DEADLINE_S * 1000)
+    assert get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "running"
