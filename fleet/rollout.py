@@ -210,9 +210,10 @@ def tick(db: sqlite_utils.Database, now: float | None = None) -> None:
         live = _rollouts(db, "o.state in ('running', 'completed')")
         for r in live:  # newest first: a device joins the newest rollout that has room for it
             _assign(db, r, devices, now)
+        memo: dict[str, Any] = {}
         for r in live:
             if r.state == "running":
-                _evaluate(db, r, devices, now)
+                _evaluate(db, r, devices, now, memo)
 
 
 def _time_out(db: sqlite_utils.Database, now: float) -> None:
@@ -280,9 +281,10 @@ def _assign(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now:
         r.stage_settled_at = None
 
 
-def health(db: sqlite_utils.Database, r: _Rollout, view: _View) -> list[Gate]:
+def health(db: sqlite_utils.Database, r: _Rollout, view: _View, drift_memo: dict[str, Any] | None = None) -> list[Gate]:
     """Install success, then error rate, p95 latency and drift of the new version against the
-    versions of the model released before it, on the same devices."""
+    versions of the model released before it, on the same devices. `drift_memo` caches drift
+    statuses per model across the rollouts of one round (the drift report reads every window)."""
     plan, gates = r.plan, []
     settled, failed = view.count(SETTLED), view.count(FAILED)
     need = min(plan.min_devices, len(view.assigned)) or 1
@@ -311,7 +313,7 @@ def health(db: sqlite_utils.Database, r: _Rollout, view: _View) -> list[Gate]:
             gates.append(Gate("p95 latency", f"{new_p95:.2f} ms", f"<= {bound:.2f} ms (previous {old_p95:.2f} ms)",
                               new_p95 <= bound, sample))
     if plan.gates.drift:
-        gates.append(_drift_gate(db, r, active))
+        gates.append(_drift_gate(db, r, active, {} if drift_memo is None else drift_memo))
     return gates
 
 
@@ -335,23 +337,33 @@ def _p95(calls: list[tuple[float | None, int]]) -> float | None:
     return float(np.percentile(latencies, 95)) if latencies else None
 
 
-def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str]) -> Gate:
+def _drift_statuses(db: sqlite_utils.Database, model: str) -> dict[tuple[str, str], str] | None:
+    """(version, device) -> drift status for `model`; None without drift telemetry from it."""
     from edgeops.fleet import drift
 
     try:
-        versions = drift.report(db, r.model)["versions"]
-    except EdgeopsError:  # no drift telemetry from this model yet
+        versions = drift.report(db, model)["versions"]
+    except EdgeopsError:
+        return None
+    return {(v["version"], device): d["status"] for v in versions for device, d in v["devices"].items()}
+
+
+def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str], memo: dict[str, Any]) -> Gate:
+    if r.model not in memo:
+        memo[r.model] = _drift_statuses(db, r.model)
+    status = memo[r.model]
+    if status is None:
         return Gate("drift", "no windows", "no device newly drifting", True)
-    status = {(v["version"], device): d["status"] for v in versions for device, d in v["devices"].items()}
+    others = {version for version, _ in status if version != r.version}
     new = [d for d in active if status.get((r.version, d)) == RETRAIN]
-    newly = [d for d in new if not any(status.get((v["version"], d)) == RETRAIN for v in versions if v["version"] != r.version)]
+    newly = [d for d in new if not any(status.get((v, d)) == RETRAIN for v in others)]
     return Gate("drift", f"{len(newly)} device(s) newly drifting", "0 newly drifting", not newly,
                 ", ".join(newly[:5]))
 
 
-def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> None:
+def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, memo: dict[str, Any]) -> None:
     view = _inspect(db, r, devices)
-    gates = health(db, r, view)
+    gates = health(db, r, view, memo)
     failing = [g for g in gates if g.ok is False]
     if failing:
         reason = "; ".join(f"{g.name} {g.value}, limit {g.threshold}" for g in failing)
@@ -406,9 +418,11 @@ def _next(r: _Rollout, view: _View, gates: list[Gate], now: float) -> str:
     return "advancing"
 
 
-def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> dict[str, Any]:
+def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, gated: bool,
+               memo: dict[str, Any]) -> dict[str, Any]:
+    """`gated`: compute the gates too (costly; worth it for open rollouts and the newest of a model)."""
     view = _inspect(db, r, devices)
-    gates = health(db, r, view) if r.state in (*OPEN, "completed") else []
+    gates = health(db, r, view, memo) if gated else []
     n_active, n_failed = view.count(("active",)), view.count(FAILED)
     stages = []
     for i, stage in enumerate(r.plan.stages):
@@ -424,14 +438,22 @@ def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], n
 
 
 def summaries(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every rollout, newest first, with stage progress, counts per device state, gates and what comes next."""
-    devices, now = _devices(db), time.time()
-    return [_summarize(db, r, devices, now) for r in _rollouts(db)]
+    """Every rollout, newest first, with stage progress, counts per device state and what comes next; gates
+    for the open ones and the newest completed one of each model (older ones: an empty list)."""
+    devices, now, memo, seen = _devices(db), time.time(), {}, set()
+    found = []
+    for r in _rollouts(db):
+        gated = r.state in OPEN or (r.state == "completed" and r.model not in seen)
+        seen.add(r.model)
+        found.append(_summarize(db, r, devices, now, gated, memo))
+    return found
 
 
 def summary(db: sqlite_utils.Database, rollout_id: int) -> dict[str, Any]:
     """One rollout as in `summaries`, with its decisions."""
-    return {**_summarize(db, _get(db, rollout_id), _devices(db), time.time()), "decisions": decisions(db, rollout_id)}
+    r = _get(db, rollout_id)
+    return {**_summarize(db, r, _devices(db), time.time(), r.state in (*OPEN, "completed"), {}),
+            "decisions": decisions(db, rollout_id)}
 
 
 def decisions(db: sqlite_utils.Database, rollout_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:

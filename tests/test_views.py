@@ -65,7 +65,7 @@ def test_small_fleet_shows_every_device_the_rollout_and_what_needs_attention(tmp
     assert all(re.fullmatch(r"\d+s ago", d.pop(4)) for d in devices)
     assert devices == [["dev-00", "rpi4", "digits 1.0", "r1 active", "yes", "20", "1", "20.00", "2"],
                        ["dev-01", "rpi4", "digits 1.0", "r1 active", "yes", "-", "-", "-", "-"],
-                       ["dev-02", "rpi4", "-", "r1 failed (self-test failed [/bold])", "yes", "-", "-", "-", "-"]]
+                       ["dev-02", "rpi4", "-", "r1 failed", "yes", "-", "-", "-", "-"]]  # the reason: attention
     assert _table(text, "releases") == [["1", "digits", "1.0", "all", "rpi4"]]
     assert "rollout #1 digits 1.0 · running" in text
     assert "executions: 2 active, 1 failed" in text  # only the states that have devices
