@@ -463,30 +463,41 @@ def rollout() -> None:
     """
 
 
-def _rollout_action(action: str, help_text: str):
+def _rollout_action(action: str, help_text: str, example: str = ""):
     @rollout.command(action, help=help_text + """
 
     \b
     Examples:
       edgeops rollout ACTION 3 --fleet ./fleet
       edgeops rollout ACTION 3 --fleet http://127.0.0.1:8420 --token "$EDGEOPS_TOKEN" --reason "why" --json
-    """.replace("ACTION", action))
+    """.replace("ACTION", action) + example)
     @click.argument("rollout_id", type=int)
     @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
     @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+    @click.option("--key", type=click.Path(path_type=Path),
+                  help="Targets signing key (PEM), if kept outside the fleet: a rollback unsigns the release with it; --fleet DIR only.")
     @click.option("--reason", default="", help="Why, for the decision log.")
     @click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON afterwards.")
-    def command(rollout_id: int, fleet_at: str, token: str | None, reason: str, as_json: bool) -> None:
+    def command(rollout_id: int, fleet_at: str, token: str | None, key: Path | None, reason: str, as_json: bool) -> None:
         from edgeops.fleet import client
 
+        if key is not None and (action != "rollback" or client.is_url(fleet_at)):
+            raise EdgeopsError("--key goes with `rollout rollback --fleet DIR`: it signs the release's withdrawal")
         if client.is_url(fleet_at):
             result = client.act(fleet_at, token, rollout_id, action, reason)
         else:
-            from edgeops.fleet.home import FleetHome
+            from edgeops.fleet.home import FleetHome, withdraw_rolled_back
             from edgeops.fleet.registry import open_db
-            from edgeops.fleet.rollout import act
+            from edgeops.fleet import rollout as engine
 
-            result = act(open_db(FleetHome.open(fleet_at).db_path), rollout_id, action, reason)
+            home = FleetHome.open(fleet_at)
+            db = open_db(home.db_path)
+            result = engine.act(db, rollout_id, action, reason)
+            if action == "rollback":  # unsign it now, so devices may go back even before `fleet serve` runs
+                for done, names in withdraw_rolled_back(home, db, key).items():
+                    engine.record(db, done, "withdraw", f"unsigned {', '.join(names)}: its devices may return to "
+                                                        "their previous release", "operator")
+                result = engine.summary(db, rollout_id)
         if as_json:
             _echo_json(result)
         else:
@@ -497,7 +508,10 @@ def _rollout_action(action: str, help_text: str):
 _rollout_action("pause", "Stop assigning devices; those installing finish. `resume` continues.")
 _rollout_action("resume", "Continue a paused rollout where it stopped.")
 _rollout_action("abort", "End a rollout: no more devices get it; devices that have it keep it.")
-_rollout_action("rollback", "End a rollout and return its devices to the release they ran before.")
+_rollout_action("rollback", "End a rollout and return its devices to the release they ran before.\n\n"
+                "The release's bundles are withdrawn from the signed targets metadata (devices accept an older "
+                "version only then); with an offline targets key, give it with --key.",
+                "  edgeops rollout rollback 3 --fleet ./fleet --key ~/offline/targets.pem\n")
 
 
 @rollout.command("show")

@@ -7,7 +7,8 @@ Every outcome is reported on the device's retained `state` topic with the execut
 reason. Invariants:
 - nothing is installed unless the trust store verified it for this device's profile;
 - a version older than the installed one is installed only if it is the one the device ran just
-  before (state/previous.json), which is how the fleet rolls an update back; any other is refused;
+  before (state/previous.json) and the signed targets metadata no longer lists the installed one
+  (the fleet withdrew it): that is how the fleet rolls an update back; any other is refused;
 - any failure leaves the previous model active and serving;
 - a release that was rejected or failed is not retried until the fleet names a different one,
   while transient faults (fleet or broker unreachable) are retried with backoff;
@@ -185,8 +186,10 @@ class Agent:
             part = self.downloads / f"{info.sha256}.part"
             self.link.download(f"targets/{info.sha256}.{target}", part, info.length)
             self.report(release, "verifying")
-            # an older version only when it is the one this device ran before: the fleet rolling it back
-            going_back = (self._previous() or {}).get("target") == target
+            # An older version only when it is the one this device ran just before, and the fleet's
+            # targets key withdrew the active one: a signed rollback, not a replayed `desired`.
+            going_back = (self._previous() or {}).get("target") == target and installed is not None \
+                and not self.trust.listed(installed["target"])
             custom = self.trust.verify_target(target, part.read_bytes(), self.config.profile,
                                               installed["version"] if installed and not going_back else None)
             self._check_bundle(part, target, custom)

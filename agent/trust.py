@@ -180,6 +180,16 @@ class TrustStore:
             raise TrustError("unknown-target", f"{name} is not in the signed targets metadata")
         return info
 
+    def listed(self, name: str) -> bool:
+        """Whether the signed targets metadata (as of the last refresh) still lists `name`."""
+        try:
+            self._target_file(name)
+        except ExpiredMetadata:
+            raise
+        except TrustError:
+            return False
+        return True
+
     def target_info(self, name: str) -> SignedTarget:
         """The signed length, sha256 and custom metadata of `name`, to download it."""
         return _signed_target(name, self._target_file(name))

@@ -125,3 +125,25 @@ def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], ta
             targets.append({"profile": b.manifest["profile"], "target": b.path.name,
                             "sha256": target.hashes["sha256"], "length": target.length})
     return registry.create_release(registry.open_db(home.db_path), model, version, selector, targets, plan)
+
+
+def withdraw_rolled_back(home: FleetHome, db: Any, targets_key: Path | None = None) -> dict[int, list[str]]:
+    """Withdraw from the signed targets the bundles of rolled-back rollouts (unless a newer release
+    reuses the name), so their devices may return to what they ran before; per rollout, what was
+    withdrawn. Idempotent: the server runs it after every engine round."""
+    rows = db.execute(
+        "select o.id, t.target from rollouts o join release_targets t on t.release_id = o.id where o.state = 'rolled-back' "
+        "and not exists (select 1 from release_targets t2 join rollouts o2 on o2.id = t2.release_id "
+        "where t2.target = t.target and o2.id > o.id and o2.state != 'rolled-back')").fetchall()
+    if not rows:
+        return {}
+    with home.repo_lock():
+        listed = trust.listed_targets(home.repo)
+        pending = [(rollout_id, name) for rollout_id, name in rows if name in listed]
+        if not pending:
+            return {}
+        trust.withdraw_targets(home.repo, [name for _, name in pending], targets_key, home.expiry())
+    withdrawn: dict[int, list[str]] = {}
+    for rollout_id, name in pending:
+        withdrawn.setdefault(rollout_id, []).append(name)
+    return withdrawn

@@ -20,6 +20,7 @@ from pathlib import Path
 import sqlite_utils
 
 from edgeops.fleet import drift
+from edgeops.fleet.sql import transaction
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def run_new(db: sqlite_utils.Database, command: str, fleet_dir: Path) -> list[tu
     started = []
     for flag in drift.flagged(db):
         key = (flag["model"], flag["version"])
-        with db.conn:
+        with transaction(db):
             if db.execute("select 1 from drift_hooks where model = ? and version = ?", key).fetchone():
                 continue
             db.execute("insert into drift_hooks values (?, ?, ?)", [*key, time.time()])

@@ -88,7 +88,8 @@ _SCHEMAS: dict[str, Any] = {
     "Decision": _object({
         "id": {"type": "integer"}, "rollout": {"type": "integer"}, "t": {"type": "number", "description": "Unix time."},
         "actor": {"enum": ["engine", "operator"]},
-        "action": {"enum": ["start", "advance", "pause", "resume", "abort", "rollback", "complete", "supersede", "timeout"]},
+        "action": {"enum": ["start", "advance", "pause", "resume", "abort", "rollback", "complete", "supersede", "timeout",
+                            "withdraw"]},
         "reason": {"type": "string"},
     }),
     "Plan": {"type": "object", "description": "The rollout plan (docs/rollouts.md).",

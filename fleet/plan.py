@@ -108,8 +108,8 @@ class Plan:
             raise EdgeopsError(f"min_calls {self.min_calls!r} must be a whole number >= 0")
         if not isinstance(self.min_devices, int) or isinstance(self.min_devices, bool) or self.min_devices < 1:
             raise EdgeopsError(f"abort min {self.min_devices!r} must be a whole number >= 1")
-        if not 0 <= self.failed_pct < 100:
-            raise EdgeopsError(f"abort failed% {self.failed_pct:g} must be at least 0 and below 100")
+        if not 0 <= self.failed_pct <= 100:
+            raise EdgeopsError(f"abort failed% {self.failed_pct:g} must be from 0 to 100 (100: failures never abort)")
         if self.bake_s < 0:
             raise EdgeopsError(f"bake {self.bake_s:g}s must be >= 0")
         unknown = set(self.deadlines_s) - set(IN_FLIGHT)

@@ -19,6 +19,7 @@ from typing import Any
 import sqlite_utils
 
 from edgeops.fleet import rollout, telemetry
+from edgeops.fleet.sql import transaction
 from edgeops.fleet.plan import Plan
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.wire import DEVICE_ID, STATES
@@ -66,7 +67,7 @@ def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict
         raise EdgeopsError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if db["devices"].count_where("id = ?", [device_id]):
         raise EdgeopsError(f"device {device_id} is already enrolled")
-    with db.conn:  # plain SQL: sqlite-utils' insert() commits on its own, which would split the pair
+    with transaction(db):
         db.execute("insert into devices (id, profile, labels, enrolled_at, online) values (?, ?, ?, ?, 0)",
                    [device_id, profile, json.dumps(labels, sort_keys=True), time.time()])
         db.execute("insert into credentials (device, password_hash) values (?, ?)", [device_id, password_hash])
@@ -99,7 +100,7 @@ def create_release(db: sqlite_utils.Database, model: str, version: str, selector
     profiles = [t["profile"] for t in targets]
     if len(set(profiles)) != len(profiles):
         raise EdgeopsError(f"a release holds one bundle per profile; got {sorted(profiles)}")
-    with db.conn:
+    with transaction(db):
         release_id = db.execute("insert into releases (model, version, selector, created_at) values (?, ?, ?, ?)",
                                 [model, version, json.dumps(selector, sort_keys=True), time.time()]).lastrowid
         db.conn.executemany("insert into release_targets (release_id, profile, target, sha256, length) values (?, ?, ?, ?, ?)",
@@ -148,7 +149,7 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
     transaction, so a burst of reports costs one sync, not one each. Unknown devices are ignored:
     the broker ACL should have stopped them."""
     now = time.time()
-    with db.conn:
+    with transaction(db):
         for device_id, state in reports:
             if state.get("online") is False:
                 db.execute("update devices set online = 0, last_seen = ? where id = ?", [now, device_id])

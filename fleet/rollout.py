@@ -30,6 +30,7 @@ import numpy as np
 import sqlite_utils
 
 from edgeops.fleet.plan import IN_FLIGHT, Plan
+from edgeops.fleet.sql import transaction
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.wire import STATES
 
@@ -115,6 +116,12 @@ def _decide(db: sqlite_utils.Database, rollout_id: int, actor: str, action: str,
     log.info("rollout %d: %s by %s: %s", rollout_id, action, actor, reason)
 
 
+def record(db: sqlite_utils.Database, rollout_id: int, action: str, reason: str, actor: str = "engine") -> None:
+    """Record a decision taken outside the engine's round (e.g. the server withdrawing a bundle)."""
+    with transaction(db):
+        _decide(db, rollout_id, actor, action, reason, time.time())
+
+
 def _set_state(db: sqlite_utils.Database, rollout_id: int, now: float, **fields: Any) -> None:
     sets = ", ".join(f"{name} = ?" for name in fields)
     db.execute(f"update rollouts set {sets}, updated_at = ? where id = ?", [*fields.values(), now, rollout_id])
@@ -155,10 +162,11 @@ def act(db: sqlite_utils.Database, rollout_id: int, action: str, reason: str = "
     if action not in ACTIONS:
         raise EdgeopsError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     now = time.time()
-    with db.conn:
+    with transaction(db):
         r = _get(db, rollout_id)
-        allowed = {"pause": ("running",), "resume": ("paused",), "abort": OPEN,
-                   "rollback": tuple(s for s in ROLLOUT_STATES if s != "rolled-back")}[action]
+        allowed = {"pause": ("running",), "resume": ("paused",), "abort": OPEN, "rollback": ROLLOUT_STATES}[action]
+        if action == "rollback" and r.state == "rolled-back":  # done; the caller may still withdraw its bundles
+            return summary(db, rollout_id)
         if r.state not in allowed:
             raise EdgeopsError(f"rollout {rollout_id} is {r.state}; {action} applies to {' or '.join(allowed)} rollouts")
         why = reason or f"requested by the operator"
@@ -180,21 +188,22 @@ def _close(db: sqlite_utils.Database, r: _Rollout, state: str, reason: str, acto
                       "where e.release_id = ? and e.state not in ('rolled-back', 'cancelled')", [r.id]).fetchall()
     returned = stayed = 0
     for device_id, execution, desired in rows:
-        if execution == "queued" or (revert and execution not in FAILED):
-            new_state = "cancelled" if execution == "queued" else "rolled-back"
+        ran_it = execution not in FAILED and execution != "queued"  # it may have switched to this release
+        if execution == "queued" or (revert and ran_it):
             previous = _previous(db, device_id, r.id) if desired == r.id else desired
-            note = f"{state}: {reason}" if previous is not None or desired != r.id else \
-                f"{state}: {reason}; no earlier release to return to, it keeps {r.version}"
+            note = f"{state}: {reason}"
+            if ran_it and previous is None and desired == r.id:
+                note += f"; no earlier release to return to, it keeps {r.version}"
             db.execute("update executions set state = ?, reason = ?, updated_at = ? where device = ? and release_id = ?",
-                       [new_state, note[:500], now, device_id, r.id])
+                       ["cancelled" if execution == "queued" else "rolled-back", note[:500], now, device_id, r.id])
         elif revert and desired == r.id:  # failed here, so still on its previous release: name that one again
             previous = _previous(db, device_id, r.id)
         else:
             continue
         if desired == r.id:
             _set_desired(db, device_id, previous)
-            returned += previous is not None
-            stayed += previous is None
+            returned += ran_it and previous is not None
+            stayed += ran_it and previous is None
     _set_state(db, r.id, now, state=state)
     extra = f"; {returned} device(s) return to their previous release" if returned else ""
     extra += f"; {stayed} device(s) have no earlier release and keep {r.version}" if stayed else ""
@@ -204,7 +213,7 @@ def _close(db: sqlite_utils.Database, r: _Rollout, state: str, reason: str, acto
 def tick(db: sqlite_utils.Database, now: float | None = None) -> None:
     """One round of the engine: time-outs, assignments, gate checks, advances. One transaction."""
     now = time.time() if now is None else now
-    with db.conn:
+    with transaction(db):
         _time_out(db, now)
         devices = _devices(db)
         live = _rollouts(db, "o.state in ('running', 'completed')")
@@ -220,7 +229,8 @@ def _time_out(db: sqlite_utils.Database, now: float) -> None:
     plans: dict[int, Plan] = {}
     silent: dict[int, list[str]] = {}
     rows = db.execute("select e.device, e.release_id, e.state, e.updated_at, o.plan from executions e "
-                      f"join rollouts o on o.id = e.release_id where e.state in ({','.join('?' * len(IN_FLIGHT))})",
+                      f"join rollouts o on o.id = e.release_id where o.state in ('running', 'paused', 'completed') "
+                      f"and e.state in ({','.join('?' * len(IN_FLIGHT))})",
                       list(IN_FLIGHT)).fetchall()
     for device_id, release_id, state, updated_at, plan in rows:
         limit = plans.setdefault(release_id, Plan.from_dict(json.loads(plan))).deadlines_s[state]
@@ -257,7 +267,10 @@ def _inspect(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device]) -> 
     targeted = [d for d in devices if d.profile in r.profiles and _matches(r.selector, d.labels)]
     executions = dict(db.execute("select device, state from executions where release_id = ?", [r.id]).fetchall())
     quota = len(targeted) if r.state == "completed" else r.plan.stages[min(r.stage, len(r.plan.stages) - 1)].quota(len(targeted))
-    eligible = [d for d in targeted if d.id not in executions and d.online
+    # a device that took part in a newer rollout of this model (even one rolled back) never moves back here
+    newer = {row[0] for row in db.execute("select distinct e.device from executions e join rollouts o on o.id = e.release_id "
+                                          "where o.model = ? and o.id > ?", [r.model, r.id])}
+    eligible = [d for d in targeted if d.id not in executions and d.id not in newer and d.online
                 and (d.desired_release is None or d.desired_release < r.id)]
     rank: dict[str, int] = {}
     keys = []
@@ -361,6 +374,18 @@ def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str], memo:
                 ", ".join(newly[:5]))
 
 
+def _baked_calls(db: sqlite_utils.Database, r: _Rollout, view: _View) -> int:
+    """Inferences on the new version since the current stage settled: each stage's own minimum
+    sample (counted by the fleet's clock, which a device's wrong clock cannot fake)."""
+    active = [d for d, s in view.executions.items() if s == "active"]
+    if r.stage_settled_at is None or not active:
+        return 0
+    marks = ",".join("?" * len(active))
+    return db.execute(f"select count(*) from telemetry where kind = 'inference' and model = ? and version = ? "
+                      f"and received_at >= ? and device in ({marks})",
+                      [r.model, r.version, r.stage_settled_at, *active]).fetchone()[0]
+
+
 def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, memo: dict[str, Any]) -> None:
     view = _inspect(db, r, devices)
     gates = health(db, r, view, memo)
@@ -379,7 +404,8 @@ def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], no
     if r.stage_settled_at is None:
         _set_state(db, r.id, now, stage_settled_at=now)  # the bake starts now
         return
-    if now - r.stage_settled_at < r.plan.bake_s or any(g.ok is None for g in gates):
+    if now - r.stage_settled_at < r.plan.bake_s or any(g.ok is None for g in gates) \
+            or _baked_calls(db, r, view) < r.plan.min_calls:
         return
     passed = "; ".join(f"{g.name} {g.value}" for g in gates)
     if r.stage >= len(r.plan.stages) - 1:
@@ -393,7 +419,7 @@ def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], no
 
 # --------------------------------------------------------------------------------------------- views
 
-def _next(r: _Rollout, view: _View, gates: list[Gate], now: float) -> str:
+def _next(db: sqlite_utils.Database, r: _Rollout, view: _View, gates: list[Gate], now: float) -> str:
     if r.state == "paused":
         return f"paused: `edgeops rollout resume {r.id}` continues it"
     if r.state == "completed":
@@ -415,7 +441,8 @@ def _next(r: _Rollout, view: _View, gates: list[Gate], now: float) -> str:
     waiting = [g.detail for g in gates if g.ok is None and g.detail]
     if waiting:
         return f"waiting for the minimum sample ({waiting[0]})"
-    return "advancing"
+    baked = _baked_calls(db, r, view)
+    return "advancing" if baked >= r.plan.min_calls else f"waiting for the minimum sample: {baked}/{r.plan.min_calls} calls in this stage"
 
 
 def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, gated: bool,
@@ -434,7 +461,7 @@ def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], n
             "state": r.state, "plan": r.plan.to_dict(), "stage": r.stage, "stages": stages,
             "targeted": len(view.targeted), "counts": {s: view.count((s,)) for s in STATES},
             "gates": [g.__dict__ for g in gates], "created_at": r.created_at, "updated_at": r.updated_at,
-            "next": _next(r, view, gates, now)}
+            "next": _next(db, r, view, gates, now)}
 
 
 def summaries(db: sqlite_utils.Database) -> list[dict[str, Any]]:

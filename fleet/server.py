@@ -30,10 +30,11 @@ import paho.mqtt.client as mqtt
 
 from edgeops.fleet import hooks, registry, rollout, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
-from edgeops.fleet.home import CONFIG, FleetHome
+from edgeops.fleet.home import CONFIG, FleetHome, withdraw_rolled_back
 from edgeops.fleet.streams import Streams
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
+from edgeops.protocol.errors import EdgeopsError
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
@@ -53,6 +54,7 @@ class FleetServer:
         self._db_lock = threading.Lock()
         self._published: dict[str, bytes] = {}
         self._generation: tuple | None = None  # registry.generation() when desired was last published
+        self._withdraw_error = ""  # logged once, not every round
         self._targets: dict[str, bytes] = {}
         self._reports: queue.Queue[tuple[str, str, dict, int]] = queue.Queue()  # (leaf, device, message, mid)
         self._stop = threading.Event()
@@ -167,6 +169,20 @@ class FleetServer:
                 self._published[device_id] = payload
         self._generation = generation
 
+    def _withdraw(self) -> None:
+        """Unsign the bundles of rolled-back rollouts, so devices accept their previous release again."""
+        try:
+            withdrawn = withdraw_rolled_back(self.home, self.db)
+        except EdgeopsError as exc:  # the targets key is offline
+            if str(exc) != self._withdraw_error:
+                log.warning("a rolled-back release stays signed, so its devices keep it: %s; withdraw it with "
+                            "`edgeops rollout rollback ID --fleet DIR --key TARGETS_KEY`", exc)
+            self._withdraw_error = str(exc)
+            return
+        for rollout_id, names in withdrawn.items():
+            rollout.record(self.db, rollout_id, "withdraw", f"unsigned {', '.join(names)}: its devices may return "
+                                                            "to their previous release")
+
     def _loop(self) -> None:
         next_refresh = next_drift_check = next_engine = 0.0
         while not self._stop.is_set():
@@ -175,6 +191,7 @@ class FleetServer:
                     if time.monotonic() >= next_engine:
                         with self._db_lock:
                             rollout.tick(self.db)
+                            self._withdraw()
                         next_engine = time.monotonic() + ENGINE_S
                     self.publish_desired()
                     if time.time() >= next_refresh:

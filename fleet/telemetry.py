@@ -18,6 +18,8 @@ from typing import Any
 
 import sqlite_utils
 
+from edgeops.fleet.sql import transaction
+
 
 def create_tables(db: sqlite_utils.Database) -> None:
     db.execute("create table if not exists telemetry (device text not null, seq integer not null, kind text not null, "
@@ -32,7 +34,7 @@ def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]])
     """Store (topic device id, parsed telemetry batch) pairs in one transaction; returns, per batch
     accepted, the device and the seqs now stored (new or already there), for the fleet to ack."""
     now, stored = time.time(), []
-    with db.conn:
+    with transaction(db):
         for device_id, batch in batches:
             if batch["device"] != device_id or not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
                 continue

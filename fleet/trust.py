@@ -219,6 +219,29 @@ def add_target(repo: Path, name: str, data_path: Path, custom: dict[str, Any], t
     return target
 
 
+def listed_targets(repo: Path) -> set[str]:
+    """Names of the targets the latest targets metadata lists."""
+    return set(_load(Path(repo), Targets.type).signed.targets)
+
+
+def withdraw_targets(repo: Path, names: list[str], targets_key: Path | None = None, expiry: Expiry = Expiry()) -> list[str]:
+    """Sign a targets version without `names` (the ones still listed; returned). A withdrawn bundle
+    is what lets a device go back to the version it ran before (agent/service.py): an older version
+    is never installed on an unsigned say-so. The stored files stay; devices no longer accept them."""
+    repo = Path(repo)
+    targets = _load(repo, Targets.type)
+    gone = [name for name in names if name in targets.signed.targets]
+    if not gone:
+        return []
+    signer = _signer(repo, Targets.type, targets_key, _load(repo, Root.type).signed)
+    for name in gone:
+        del targets.signed.targets[name]
+    _bump(targets, expiry.targets)
+    _write(repo, targets, signer)
+    refresh_online(repo, expiry)
+    return gone
+
+
 def rotate_key(repo: Path, role: str, expiry: Expiry = Expiry(), root_key: Path | None = None) -> Path:
     """Replace the root or targets key and return the new private key's path (keys/<role>.pem).
 

@@ -30,8 +30,9 @@ def test_demo_rolls_out_rolls_back_and_flags_drift(tmp_path):
     db = registry.open_db(FleetHome.open(tmp_path / "fleet").db_path)
     v1_actions = [(d["actor"], d["action"]) for d in reversed(registry.rollout.decisions(db, v1["id"]))]
     assert v1_actions == [("operator", "start"), ("engine", "advance"), ("engine", "advance"), ("engine", "complete")]
-    [start, rollback] = reversed(registry.rollout.decisions(db, v2["id"]))
+    start, rollback, withdraw = reversed(registry.rollout.decisions(db, v2["id"]))
     assert (rollback["actor"], rollback["action"]) == ("engine", "rollback") and "error rate" in rollback["reason"]
+    assert withdraw["action"] == "withdraw"  # unsigned, so the canary may go back to 1.0.0
     assert v2["counts"]["rolled-back"] == 1  # only the canary ever got it
     assert {d["id"]: d["installed_version"] for d in status["devices"]} == {d["id"]: "1.0.0" for d in status["devices"]}
     assert len(status["devices"]) == agents and all(d["online"] for d in status["devices"])

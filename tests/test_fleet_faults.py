@@ -165,7 +165,8 @@ def test_kill_during_download_resumes_where_it_stopped(fleet, digits_bundle, tmp
     assert blocks > 6
     fleet.spy.delay = 0.05  # blocks one by one: the agent stores what has arrived in one go, maybe all of it
     release = push(fleet.home, [bundle], {}, plan=AT_ONCE)
-    sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
+    [target] = registry.releases(registry.open_db(fleet.home.db_path))[-1]["targets"]
+    sha256 = target["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
 
     fleet.agent("after:block:3").wait_killed()
@@ -205,7 +206,8 @@ def test_broker_restart_mid_transfer_completes(fleet, digits_bundle, tmp_path):
     length = bundle.stat().st_size
     fleet.spy.delay = 0.1  # ~2.5 s for the whole transfer
     release = push(fleet.home, [bundle], {}, plan=AT_ONCE)
-    sha256 = registry.desired(registry.open_db(fleet.home.db_path), DEVICE)["sha256"]
+    [target] = registry.releases(registry.open_db(fleet.home.db_path))[-1]["targets"]
+    sha256 = target["sha256"]
     part = fleet.device_dir / "state" / "downloads" / f"{sha256}.part"
     agent = fleet.agent()
 
