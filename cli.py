@@ -129,11 +129,14 @@ def profiles_show(name: str, as_json: bool) -> None:
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Eval data (.npz; may hold `labels`).")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=float, help="Largest quality drop accepted (0.01 = 1 point).")
 @click.option("--metric", type=click.Choice(["accuracy", "top1", "cosine"]), help="Override the quality metric.")
+@click.option("--engine", type=click.Choice(["edgeops", "inc"]), default="edgeops", show_default=True,
+              help="Who searches for the int8 model: edgeops' built-in search, or Intel Neural Compressor's "
+                   "accuracy-aware tuning (onnx-neural-compressor, in its own venv: set EDGEOPS_INC_PYTHON).")
 @click.option("--name", help="Model name (default: the file's stem).")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Model version.")
 @click.option("-o", "--output", "outdir", default=".", show_default=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
-def build(model, profile, calib, eval_, max_accuracy_drop, metric, name, version, outdir, as_json) -> None:
+def build(model, profile, calib, eval_, max_accuracy_drop, metric, engine, name, version, outdir, as_json) -> None:
     """Compile MODEL for a hardware profile into a signed-ready bundle.
 
     Prunes and quantizes, measures every candidate on the eval data, and keeps
@@ -144,6 +147,7 @@ def build(model, profile, calib, eval_, max_accuracy_drop, metric, name, version
       edgeops build model.onnx --profile rpi4 --calib calib.npz --eval eval.npz
       edgeops build model.onnx -p x86-vnni --calib calib.npz --max-accuracy-drop 0.005 -o dist/
       edgeops build model.onnx -p rpi-zero2w --calib calib.npz --json > report.json
+      EDGEOPS_INC_PYTHON=~/inc-venv/bin/python edgeops build model.onnx -p rpi4 --calib calib.npz --eval eval.npz --engine inc
     """
     from rich.console import Console
 
@@ -152,7 +156,7 @@ def build(model, profile, calib, eval_, max_accuracy_drop, metric, name, version
     from edgeops.compiler.report import render
 
     err = Console(stderr=True)
-    request = BuildRequest(model, profile, calib, eval_, max_accuracy_drop, name, version, outdir, metric)
+    request = BuildRequest(model, profile, calib, eval_, max_accuracy_drop, name, version, outdir, metric, engine=engine)
     with err.status("building") as status:
         report = run_build(request, progress=lambda message: status.update(message))
     if as_json:

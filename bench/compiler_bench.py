@@ -73,8 +73,8 @@ def _paired_latency(figures: list[dict], evaluation) -> None:
         f["latency_ms"] = ms
 
 
-def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
-    example = make(workdir / name)
+def setup(example) -> tuple:
+    """The model, its data, fp32 outputs and metric, and the threads every variant is measured with."""
     model = load_model(example.onnx)
     inputs = inputs_of(model)
     calib = load_npz(example.calib, inputs, "calibration")
@@ -82,6 +82,12 @@ def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
     threads = 2
     reference = measure.run_dataset(measure.session(model.SerializeToString(), threads), evaluation)
     metric = quality.choose_metric(model, outputs_of(model), reference, evaluation.labels is not None, None)
+    return model, calib, evaluation, reference, metric, threads
+
+
+def bench_model(name: str, make, profile: str, workdir: Path) -> dict:
+    example = make(workdir / name)
+    model, calib, evaluation, reference, metric, threads = setup(example)
     fp32 = _measure(model.SerializeToString(), evaluation, metric, reference, threads)
     plain_path = workdir / f"{name}-plain.onnx"
     try:

@@ -19,18 +19,19 @@ import onnxruntime
 
 import edgeops
 from edgeops.compiler import data as datamod
-from edgeops.compiler import measure, reference
+from edgeops.compiler import litert, measure, reference
 from edgeops.compiler.chart import candidates_html
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
 from edgeops.compiler.passes.optimize import Optimize
-from edgeops.compiler.search import Result, Search, reduces_precision, run_search
+from edgeops.compiler.search import Result, Search, reduces_precision, run_inc, run_search
 from edgeops.protocol import bundle as bundlemod
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import Profile, load_profile
 
 log = logging.getLogger(__name__)
 HOLDOUT = 0.3
+ENGINES = {"edgeops": run_search, "inc": run_inc}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -45,6 +46,7 @@ class BuildRequest:
     version: str = "1.0.0"
     outdir: Path = Path(".")
     metric: str | None = None
+    engine: str = "edgeops"  # "edgeops" (the built-in search) or "inc" (Intel Neural Compressor's tuning)
 
 
 def _check_outdir(outdir: Path) -> None:
@@ -110,11 +112,12 @@ class Compiled:
 def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Compile, validate and bundle; return the report. Raises EdgeopsError when no candidate fits."""
     profile = load_profile(req.profile)
-    if profile.runtime.name != "onnxruntime":
-        raise EdgeopsError(
-            f"profile {profile.name} runs {profile.runtime.name}; the LiteRT/TFLite target is not available yet, "
-            "pick an onnxruntime profile (see `edgeops profiles list`)"
-        )
+    tflite = profile.runtime.name in litert.RUNTIMES
+    if req.engine not in ENGINES:
+        raise EdgeopsError(f"unknown engine {req.engine!r}: pick one of {', '.join(ENGINES)}")
+    if tflite and req.engine != "edgeops":
+        raise EdgeopsError(f"--engine {req.engine} quantizes ONNX for onnxruntime, and profile {profile.name} runs "
+                           f"{profile.runtime.name}; drop --engine, or pick an onnxruntime profile")
     if not 0 <= req.max_drop < 1:
         raise EdgeopsError(f"--max-accuracy-drop must be between 0 and 1, got {req.max_drop}")
     name = _check_name(req.name or req.model.stem, "model name")
@@ -131,15 +134,19 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
         except PassError as exc:
             raise EdgeopsError(f"{req.model}: {exc}") from None
         progress(f"measuring fp32 on {evaluation.usable()} eval samples")
-        search = run_search(Search(base, ctx, evaluation, req.max_drop, req.metric, progress))
+        if tflite:
+            search = litert.LiteRTSearch(base, ctx, evaluation, req.max_drop, req.metric, progress).run()
+            notes.extend(search.notes)
+        else:
+            search = ENGINES[req.engine](Search(base, ctx, evaluation, req.max_drop, req.metric, progress))
         chosen = search.best()
         if chosen is None:
             raise EdgeopsError(_no_fit_message(search, profile))
         compiled = Compiled(req, profile, name, version, source, calib, evaluation, search, chosen, notes)
         progress("measuring fp32 and the chosen model's latency side by side")
-        _validate(compiled, Path(tmp))
+        (_validate_tflite if tflite else _validate)(compiled, Path(tmp))
         report = _report(compiled)
-        payload = package(compiled, report)
+        payload = (package_tflite if tflite else package)(compiled, report)
     path = req.outdir / bundlemod.bundle_filename(name, version, profile.name)
     report["bundle"] = str(path)
     report["bundle_bytes"] = len(payload)
@@ -149,11 +156,38 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
     return report
 
 
-def _validate(c: Compiled, tmp: Path) -> None:
-    """Final figures for the chosen model against fp32, with the notes a user must read."""
-    if c.profile.precision != "fp32" and not reduces_precision(c.chosen):
+def _fallback_note(c: Compiled) -> None:
+    reduced = litert.reduces_precision(c.chosen) if isinstance(c.search, litert.LiteRTSearch) else reduces_precision(c.chosen)
+    if c.profile.precision != "fp32" and not reduced:
         failures = sorted({r.error or "; ".join(r.misses) for r in c.search.results if not r.ok})
         c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the fp32 model: {' / '.join(failures)}")
+
+
+def _check_memory(c: Compiled) -> None:
+    if c.memory["compiled"] > c.profile.budget.max_runtime_memory_mb:
+        raise EdgeopsError(
+            f"the compiled model needs {c.memory['compiled']:.0f} MB at run time, over the profile's "
+            f"{c.profile.budget.max_runtime_memory_mb} MB budget"
+        )
+
+
+def _validate_tflite(c: Compiled, tmp: Path) -> None:
+    """Final figures for the chosen TFLite model against the fp32 TFLite one (both measured in LiteRT)."""
+    _fallback_note(c)
+    fp32 = next(r for r in c.search.results if r.passes[0].variant == "fp32")
+    c.latency = {"fp32": round(fp32.latency_ms, 4), "compiled": round(c.chosen.latency_ms, 4)}
+    feed_path = tmp / "feed.npz"
+    np.savez(feed_path, **measure.first_sample(c.search.tf_evaluation))
+    for key, result in (("fp32", fp32), ("compiled", c.chosen)):
+        path = tmp / f"{key}.tflite"
+        path.write_bytes(c.search.models.get(id(result), b""))
+        c.memory[key] = round(measure.peak_memory_mb(path, feed_path, c.profile.runtime.threads), 1) if path.stat().st_size else 0.0
+    _check_memory(c)
+
+
+def _validate(c: Compiled, tmp: Path) -> None:
+    """Final figures for the chosen model against fp32, with the notes a user must read."""
+    _fallback_note(c)
     threads = c.profile.runtime.threads
     feed = measure.first_sample(c.evaluation)
     models = {"fp32": c.search.base, "compiled": c.chosen.model}
@@ -171,11 +205,7 @@ def _validate(c: Compiled, tmp: Path) -> None:
         path = tmp / f"{key}.onnx"
         path.write_bytes(model.SerializeToString())
         c.memory[key] = round(measure.peak_memory_mb(path, feed_path, threads), 1)
-    if c.memory["compiled"] > c.profile.budget.max_runtime_memory_mb:
-        raise EdgeopsError(
-            f"the compiled model needs {c.memory['compiled']:.0f} MB at run time, over the profile's "
-            f"{c.profile.budget.max_runtime_memory_mb} MB budget"
-        )
+    _check_memory(c)
 
 
 def _no_fit_message(search: Search, profile: Profile) -> str:
@@ -198,8 +228,9 @@ def _report(c: Compiled) -> dict[str, Any]:
         "name": c.name,
         "version": c.version,
         "profile": c.profile.name,
+        "engine": c.req.engine,
         "runtime": {"name": c.profile.runtime.name, "device_version": c.profile.runtime.version,
-                    "validated_with": onnxruntime.__version__},
+                    "validated_with": _validated_with(c.profile)},
         "size_bytes": chosen.size_bytes,
         "download_bytes": chosen.download_bytes,
         "fp32_size_bytes": _source_size(c.req.model, c.source),
@@ -222,28 +253,61 @@ def _report(c: Compiled) -> dict[str, Any]:
 
 
 def package(c: Compiled, report: dict[str, Any]) -> bytes:
-    """The bundle: the chosen model, its manifest, drift reference and self-test (docs/bundle.md)."""
+    """The bundle of an ONNX model: the model, its manifest, drift reference and self-test (docs/bundle.md)."""
     model = c.chosen.model
-    model_data = model.SerializeToString(deterministic=True)
-    out_names = [o.name for o in outputs_of(model)]
-    sess = measure.session(model_data)
-    ref_data = c.evaluation if c.calib is None else c.calib
+    data = model.SerializeToString(deterministic=True)
+    sess = measure.session(data)
+    entry = {"file": "model.onnx", "format": "onnx", "opset": opset_of(model), "ir_version": model.ir_version}
+    return _bundle(c, report, entry, data, [spec.to_dict() for spec in inputs_of(model)],
+                   [spec.to_dict() for spec in outputs_of(model)],
+                   lambda dataset, limit=None: measure.run_dataset(sess, dataset, limit), c.evaluation, c.calib,
+                   {"onnxruntime_version": onnxruntime.__version__})
+
+
+def package_tflite(c: Compiled, report: dict[str, Any]) -> bytes:
+    """The bundle of a TFLite model: inputs, self-test and drift reference in TensorFlow's layout, as
+    the device sees them, run through the same adapter the agent uses."""
+    search = c.search
+    data = search.models[id(c.chosen)]
+    model = litert.interpreter(data)
+    names = [spec.name for spec in search.outputs]
+    inputs, outputs = litert.io_specs(data, search)
+    entry = {"file": "model.tflite", "format": "tflite", "ops": [list(op) for op in litert.ops(data)],
+             "min_runtime_version": litert.min_runtime_version(data)}
+    calib = litert.to_tf_layout(c.calib) if c.calib is not None else None
+    return _bundle(c, report, entry, data, inputs, outputs,
+                   lambda dataset, limit=None: litert.run_dataset(model, dataset, names, limit), search.tf_evaluation,
+                   calib, {"litert_version": _validated_with(c.profile)})
+
+
+def _validated_with(profile: Profile) -> str:
+    """The version of the runtime this build measured in."""
+    if profile.runtime.name in litert.RUNTIMES:
+        import importlib.metadata
+
+        return importlib.metadata.version("ai-edge-litert")
+    return onnxruntime.__version__
+
+
+def _bundle(c: Compiled, report: dict[str, Any], entry: dict[str, Any], data: bytes, inputs: list[dict], outputs: list[dict],
+            run: Callable[..., list[np.ndarray]], evaluation: datamod.Dataset, calib: datamod.Dataset | None,
+            runtime_versions: dict[str, str]) -> bytes:
+    out_names = [spec["name"] for spec in outputs]
+    ref_data = evaluation if calib is None else calib
     classifier = c.search.metric.output if c.search.metric.name != "cosine" else None
-    summaries = reference.reference_summaries(ref_data, out_names, measure.run_dataset(sess, ref_data), classifier)
-    golden = measure.run_dataset(sess, c.evaluation, reference.SELFTEST_SAMPLES)
-    arrays, selftest = reference.selftest_arrays(c.evaluation, out_names, golden)
+    summaries = reference.reference_summaries(ref_data, out_names, run(ref_data), classifier)
+    arrays, selftest = reference.selftest_arrays(evaluation, out_names, run(evaluation, reference.SELFTEST_SAMPLES))
     manifest = {
         "name": c.name,
         "version": c.version,
         "profile": c.profile.name,
         "runtime": {"name": c.profile.runtime.name, "min_version": c.profile.runtime.version},
-        "model": {"file": "model.onnx", "format": "onnx", "opset": opset_of(model), "ir_version": model.ir_version,
-                  "sha256": bundlemod.sha256_bytes(model_data), "size": len(model_data)},
-        "inputs": [spec.to_dict() for spec in inputs_of(model)],
-        "outputs": [spec.to_dict() for spec in outputs_of(model)],
+        "model": {**entry, "sha256": bundlemod.sha256_bytes(data), "size": len(data)},
+        "inputs": inputs,
+        "outputs": outputs,
         "classifier_output": classifier,
         "selftest": selftest,
-        "compiler": {"engine": "edgeops", "chosen": c.chosen.label, "passes": report["passes"], "max_drop": c.req.max_drop},
+        "compiler": {"engine": c.req.engine, "chosen": c.chosen.label, "passes": report["passes"], "max_drop": c.req.max_drop},
         "metrics": {"quality": report["quality"], "size_bytes": c.chosen.size_bytes, "fp32_size_bytes": report["fp32_size_bytes"]},
         "lineage": {
             "source_sha256": bundlemod.sha256_file(c.req.model),
@@ -251,11 +315,11 @@ def package(c: Compiled, report: dict[str, Any]) -> bytes:
             "eval_sha256": c.evaluation.digest,
             "edgeops_version": edgeops.__version__,
             "onnx_version": onnx.__version__,
-            "onnxruntime_version": onnxruntime.__version__,
+            **runtime_versions,
         },
     }
     members = {
-        "model.onnx": model_data,
+        entry["file"]: data,
         "reference.json": bundlemod.canonical_json(summaries),
         "selftest.npz": bundlemod.npz_bytes(arrays),
     }

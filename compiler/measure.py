@@ -100,8 +100,12 @@ def peak_memory_mb(model_path: Path, feed_path: Path, threads: int) -> float:
 def _probe(model_path: str, feed_path: str, threads: str) -> None:
     with np.load(feed_path, allow_pickle=False) as data:
         feed = {k: data[k] for k in data.files}
-    sess = session(Path(model_path).read_bytes(), int(threads))
-    sess.run(None, feed)
+    if model_path.endswith(".tflite"):  # LiteRT targets: measured in the runtime they ship for
+        from edgeops.compiler.litert import interpreter
+
+        interpreter(Path(model_path).read_bytes(), int(threads)).run(feed)
+    else:
+        session(Path(model_path).read_bytes(), int(threads)).run(None, feed)
     print(json.dumps({"peak_mb": _high_water_mb()}))
 
 

@@ -30,6 +30,7 @@ from edgeops.compiler.data import Dataset
 from edgeops.compiler.model import WEIGHT_OPS, count_ops, outputs_of
 from edgeops.compiler.passes import Pass, PassContext, PassError, describe
 from edgeops.compiler.passes.float16 import Float16
+from edgeops.compiler.passes.inc_tune import IncTune
 from edgeops.compiler.passes.prune_channels import ChannelPrune
 from edgeops.compiler.passes.prune_magnitude import MagnitudePrune
 from edgeops.compiler.passes.quantize_dynamic import DynamicQuantize
@@ -258,4 +259,43 @@ def run_search(search: Search) -> Search:
 
 def reduces_precision(result: Result) -> bool:
     """Whether the candidate is int8 or fp16, rather than the fp32 fallback."""
-    return any(isinstance(p, (StaticQuantize, DynamicQuantize, Float16)) for p in result.passes)
+    return any(isinstance(p, (StaticQuantize, DynamicQuantize, Float16, IncTune)) for p in result.passes)
+
+
+def run_inc(search: Search) -> Search:
+    """`--engine inc`: Intel Neural Compressor's accuracy-aware tuning instead of the built-in rounds.
+
+    INC tunes against the same eval data, metric and tolerance (passes/inc_tune.py); its model is then
+    one candidate here, measured again with edgeops' metric, budgets and runtime check, because INC
+    hands back its last trial when it runs out of trials, whether or not that one met the goal. If it
+    does not fit, the fp32 model is kept, as run_search does, and the report says why.
+    """
+    from edgeops.compiler.passes.inc_tune import check_available, read_trials
+    from edgeops.protocol.errors import EdgeopsError
+
+    profile = search.ctx.profile
+    if profile.precision != "int8":
+        raise EdgeopsError(f"--engine inc tunes int8 quantization, but profile {profile.name} asks for "
+                           f"{profile.precision}; use --engine edgeops for it")
+    try:
+        check_available()  # a missing INC is the user's set-up to fix, not a candidate that failed
+    except PassError as exc:
+        raise EdgeopsError(f"--engine inc: {exc}") from None
+    search.ctx = replace(search.ctx, evaluation=search.evaluation)
+    search.progress("tuning with Intel Neural Compressor")
+    result = search.evaluate("INC accuracy-aware tuning", (IncTune(search.metric.name, search.metric.output, search.max_drop),))
+    trials = read_trials(search.ctx) or {}
+
+    def summary(cfg: dict[str, Any]) -> str:
+        kind = "dynamic" if cfg.get("kind") == "DynamicQuantConfig" else f"static {str(cfg.get('quant_format', '')).lower()}"
+        weights = "per-channel" if cfg.get("per_channel") else "per-tensor"
+        return f"int8 {kind}, {weights}" + ("" if cfg.get("quant_last_matmul", True) else ", last MatMul float")
+
+    for trial in trials.get("trials", []):
+        log.info("INC trial %s: %s: %s %.4f", trial["trial"], summary(trial["config"]), search.metric.name, trial["quality"])
+    accepted = trials.get("accepted")
+    if result.error is None and accepted:
+        result.label = f"INC trial {accepted['trial']}/{len(trials['trials'])}: {summary(accepted['config'])}"
+    if search.best() is None:
+        search.evaluate("fp32, optimized (fallback)", ())
+    return search

@@ -169,7 +169,7 @@ def act(db: sqlite_utils.Database, rollout_id: int, action: str, reason: str = "
             return summary(db, rollout_id)
         if r.state not in allowed:
             raise EdgeopsError(f"rollout {rollout_id} is {r.state}; {action} applies to {' or '.join(allowed)} rollouts")
-        why = reason or f"requested by the operator"
+        why = reason or "requested by the operator"
         if action == "pause":
             _set_state(db, r.id, now, state="paused")
             _decide(db, r.id, actor, "pause", why, now)

@@ -26,6 +26,9 @@ class PassContext:
     profile: Profile
     calib: Dataset | None
     workdir: Path
+    # Only for passes that measure quality themselves while they run (inc_tune.py); the search
+    # measures every other pass's result afterwards.
+    evaluation: Dataset | None = None
 
 
 class Pass(Protocol):
