@@ -160,7 +160,10 @@ def _fallback_note(c: Compiled) -> None:
     reduced = litert.reduces_precision(c.chosen) if isinstance(c.search, litert.LiteRTSearch) else reduces_precision(c.chosen)
     if c.profile.precision != "fp32" and not reduced:
         failures = sorted({r.error or "; ".join(r.misses) for r in c.search.results if not r.ok})
-        c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the fp32 model: {' / '.join(failures)}")
+        slower = [f"{r.label} {r.latency_ms:.2f} ms" for r in c.search.results if r.ok and r.clearly_slower]
+        why = " / ".join(failures + ([f"clearly slower than fp32 ({c.chosen.latency_ms:.2f} ms) here: {', '.join(slower)}"]
+                                     if slower else []))
+        c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the fp32 model: {why}")
 
 
 def _check_memory(c: Compiled) -> None:

@@ -108,6 +108,18 @@ def test_a_cnn_gets_nhwc_inputs_recorded_in_the_manifest(cnn, tmp_path):
     SlotStore(tmp_path).install(report["bundle"])  # its self-test runs NHWC golden inputs in LiteRT
 
 
+def test_a_third_party_cnn_builds_and_installs(tmp_path, converter, require):
+    """PaddleOCR's text-direction classifier (rapidocr-onnxruntime's wheel): dynamic H and W, NCHW."""
+    import zoo_thirdparty
+
+    real = require(zoo_thirdparty.ocr_cls_model, tmp_path / "ocr")
+    report = build(BuildRequest(real.onnx, "coral-devboard", real.calib, real.eval, name="ocr-cls", outdir=tmp_path / "out"))
+    assert report["quality"]["drop"] <= report["quality"]["max_drop"]
+    [image] = read_bundle(report["bundle"]).manifest["inputs"]
+    assert (image["shape"], image["layout"], image["source_layout"]) == (["N", None, None, 3], "NHWC", "NCHW")
+    SlotStore(tmp_path / "device").install(report["bundle"])
+
+
 def test_a_tflite_runtime_2_14_profile_gets_a_model_it_can_load(tmp_path, converter, legacy_python):
     """TF 2.21's per-channel dynamic range uses FULLY_CONNECTED v12, which tflite-runtime 2.14 lacks:
     that candidate is refused at build time with the reason, and the chosen one loads there for real."""
