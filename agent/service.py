@@ -12,6 +12,8 @@ reason. Invariants:
 - any failure leaves the previous model active and serving;
 - a release that was rejected or failed is not retried until the fleet names a different one,
   while transient faults (fleet or broker unreachable) are retried with backoff;
+- a model the agent does not stay up on (more than `crash_loop_starts` starts in a row, none lasting
+  `healthy_after_s`) is replaced by the one before it and never installed again (agent/boots.py);
 - inference is served from the active slot only, and switches to a new model after its install
   completed (agent/serving.py), so apps never see a model that did not pass its self-test.
 """
@@ -27,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeops.agent.boots import DEFAULT_HEALTHY_AFTER_S, DEFAULT_LIMIT, BootGuard
 from edgeops.agent.metrics import DeviceMetrics
 from edgeops.agent.outbox import DEFAULT_MAX_BYTES, Outbox
 from edgeops.agent.partial import discard
 from edgeops.agent.serving import Serving
-from edgeops.agent.slots import SlotStore
+from edgeops.agent.slots import SlotStore, failpoint
 from edgeops.agent.telemetry import Telemetry
 from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
@@ -83,6 +86,7 @@ class Agent:
             self.trust.pin_root((self.config.path / "root.json").read_bytes())
         self.slots = SlotStore(state)
         self.slots.recover()
+        self.boots = BootGuard(state / "boots.json", self.config.option("crash_loop_starts", DEFAULT_LIMIT))
         self.downloads = state / "downloads"
         self._desired: queue.Queue[dict[str, Any]] = queue.Queue()
         self._settled: set[tuple[Any, str]] = set()
@@ -100,10 +104,24 @@ class Agent:
         return self.serving.infer(feed)[1]
 
     def _serve_active(self) -> None:
+        active = self.slots.active()
         try:
-            self.serving.swap(self.slots.active())
+            self.serving.swap(active)
         except EdgeopsError as exc:  # installed and self-tested, yet it does not load now: keep what serves
             log.error("cannot serve the active model: %s", exc)
+        if active is not None:
+            failpoint(f"serving:{active.manifest['version']}")  # crash-loop tests: a model that kills the process
+
+    def _guard_start(self) -> None:
+        """Count this start on the active model; after too many in a row, go back to the one before."""
+        active = self.slots.active()
+        if active is None or not self.boots.start(active.target):
+            return
+        previous = self.slots.revert()
+        self.boots.quarantine(active.target)
+        self._previous_path.unlink(missing_ok=True)  # what preceded the model now active is unknown
+        log.error("%s did not stay up for %d starts in a row: %s", active.target, self.boots.limit + 1,
+                  f"back on {previous.target}" if previous else "no earlier model to go back to, serving it anyway")
 
     def installed(self) -> dict[str, Any] | None:
         active = self.slots.active()
@@ -122,7 +140,11 @@ class Agent:
         given), send telemetry, and apply each desired release in turn."""
         from edgeops.agent.http_api import InferenceServer
 
+        self._guard_start()
         self._serve_active()
+        healthy = threading.Timer(float(self.config.option("healthy_after_s", DEFAULT_HEALTHY_AFTER_S)), self.boots.healthy)
+        healthy.daemon = True
+        healthy.start()
         server = InferenceServer(self.serving, api).start() if api else None
         if server is not None:
             atomic_write(self.config.path / "state" / "api.json", canonical_json({"url": server.url}))
@@ -139,6 +161,7 @@ class Agent:
         try:
             self._follow(stop)
         finally:
+            healthy.cancel()
             if server is not None:
                 server.stop()
                 (self.config.path / "state" / "api.json").unlink(missing_ok=True)
@@ -157,7 +180,12 @@ class Agent:
             except queue.Empty:
                 if desired is None:
                     continue
-            if self.apply(desired):
+            try:
+                settled = self.apply(desired)
+            except Exception:  # a bug or a runtime fault (e.g. CPython gh-106905 in np.load) must not end updates
+                log.exception("applying release %s failed unexpectedly; retrying", desired.get("release_id"))
+                settled = False
+            if settled:
                 desired = None
             else:  # transient: back off, then retry the same release
                 stop.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)])
@@ -177,6 +205,11 @@ class Agent:
             self.report(release, "active")
             return True
         if (release, target) in self._settled:
+            return True
+        if self.boots.quarantined(target):
+            self._settle(release, target, None)
+            self.report(release, "failed", f"crash loop: the agent did not stay up on {target} "
+                                           f"({self.boots.limit + 1} starts in a row); it went back and will not install it again")
             return True
         part = None
         try:

@@ -14,6 +14,8 @@ Invariants:
   model file matches the bundle; nothing ever writes to or deletes the slot it names.
 - The other slot is scratch: an install overwrites it, and its content counts only once `current`
   names it. So a journal's slot is the new model iff `current` names it: the switch happened.
+  Until an install overwrites it, it holds the model served before, which `revert` can switch back
+  to after checking it again (a crash loop, agent/boots.py).
 - After `recover()` (and after any failed install) there is no journal, and exactly one complete,
   verified model is active, or none before the first install: a crash before `current` was replaced
   keeps the old pointer and discards the journal's slot; a crash after keeps the new pointer.
@@ -169,6 +171,21 @@ class SlotStore:
             self._active, self._known = None, True
             return None
 
+    def revert(self) -> ActiveModel | None:
+        """Serve the other slot's model again, the one before the active one, if it is still complete and
+        verified (no install overwrote it since); None, changing nothing, when it is not."""
+        current = self.active()
+        if current is None:
+            return None
+        other = "b" if current.slot == "a" else "a"
+        try:
+            previous = self._read_slot(other)
+        except (EdgeopsError, OSError):
+            return None
+        atomic_write(self.root / POINTER, f"{other}\n".encode())
+        self._active, self._known = previous, True
+        return previous
+
     def _slot_dir(self, slot: str) -> Path:
         return self.root / "slots" / slot
 
@@ -183,8 +200,9 @@ class SlotStore:
 
     def _read_active(self) -> ActiveModel | None:
         slot = self._pointer()
-        if slot is None:
-            return None
+        return None if slot is None else self._read_slot(slot)
+
+    def _read_slot(self, slot: str) -> ActiveModel:
         bundle = read_bundle(self._slot_dir(slot) / BUNDLE)
         active = ActiveModel(slot, bundle.manifest, bundle.path)
         expected = bundle.manifest["files"][active.model_path.name]["sha256"]

@@ -105,18 +105,24 @@ def convert(base: onnx.ModelProto, calib: Dataset, wanted: list[str], workdir: P
     except OSError as exc:
         raise EdgeopsError(f"cannot run {python} for the TFLite conversion ({exc.strerror}); fix {CONVERTER_PYTHON}") from None
     result_path = workdir / "result.json"
-    if not result_path.exists():
+    if not result_path.exists():  # it died before it could say why, e.g. on importing numpy
         lacking = re.search(r"No module named '([^']+)'", proc.stderr)
         if lacking:
-            raise EdgeopsError(f"{python} has no {lacking.group(1)}, and LiteRT profiles convert with TensorFlow and "
-                               f"onnx2tf: pip install 'edgeops[tflite]', or set {CONVERTER_PYTHON} to a Python that has them")
+            raise _missing_extra(python, lacking.group(1))
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         raise EdgeopsError(f"the TFLite conversion failed: {tail[0]}")
     result = json.loads(result_path.read_text())
+    if result.get("missing"):
+        raise _missing_extra(python, result["missing"])
     if result["error"]:
         raise EdgeopsError(result["error"])
     models = {variant: Path(path).read_bytes() for variant, path in result["files"].items()}
     return Converted(models, result["outputs"], result["dropped"])
+
+
+def _missing_extra(python: str, module: str) -> EdgeopsError:
+    return EdgeopsError(f"{python} has no {module}, and LiteRT profiles convert with TensorFlow and onnx2tf: "
+                        f"pip install 'edgeops[tflite]', or set {CONVERTER_PYTHON} to a Python that has them")
 
 
 def rename_outputs(data: bytes, names: list[str]) -> bytes:

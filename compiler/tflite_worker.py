@@ -8,7 +8,8 @@ rewrites its input file, and downloads sample images unless stopped.
 Request: {"model": ONNX path, "calib": npz keyed by input name in the ONNX layout, "outdir": dir,
           "variants": ["fp32", "fp16", "dynamic", "dynamic-per-tensor", "int8"]}
 Result (OUTDIR/result.json): {"files": {variant: path}, "outputs": [kept ONNX output names],
-          "dropped": [{"output", "op", "node"}], "error": str|null, "op": str|null, "node": str|null}
+          "dropped": [{"output", "op", "node"}], "error": str|null, "op": str|null, "node": str|null,
+          "missing": the module this Python lacks, or null}
 
 Invariants: nothing is downloaded (onnx2tf's download function is replaced before it can run); every
 variant is converted from the one SavedModel onnx2tf made, with TFLite builtin ops only (no Flex
@@ -108,6 +109,10 @@ def _tf_layout(calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _convert(request: dict, result: dict) -> None:
+    missing = next((m for m in ("onnx2tf", "tensorflow") if importlib.util.find_spec(m) is None), None)
+    if missing:  # the `tflite` extra is not installed for this Python
+        result.update(error=f"no module {missing}", missing=missing)
+        raise _Refused()
     out = Path(request["outdir"])
     model_path = out / "input.onnx"  # onnx2tf rewrites its input: it gets a copy
     _prepare(Path(request["model"]), model_path, result)
@@ -181,7 +186,7 @@ def _line(exc: BaseException) -> str:
 
 def main(request_path: str) -> int:
     request = json.loads(Path(request_path).read_text())
-    result: dict = {"files": {}, "outputs": [], "dropped": [], "error": None, "op": None, "node": None}
+    result: dict = {"files": {}, "outputs": [], "dropped": [], "error": None, "op": None, "node": None, "missing": None}
     try:
         _convert(request, result)
     except _Refused:
