@@ -34,10 +34,18 @@ DEFAULT_DEADLINES = {"queued": 600.0, "downloading": 1800.0, "verifying": 600.0,
 ON_FAILURE = ("rollback", "pause")
 
 
+def _names(keys) -> str:
+    """Keys for a one-line message: as written, or quoted when they hold a newline or another control."""
+    return ", ".join(k if isinstance(k, str) and k.isprintable() else repr(k) for k in keys)
+
+
 def parse_duration(text: str | int | float, what: str) -> float:
     """Seconds from "90", "90s", "10m", "1.5h", "2d" (or a number of seconds)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool) and text >= 0:
-        return float(text)
+        try:
+            return float(text)
+        except OverflowError:  # TOML integers are unbounded in tomllib
+            raise EdgeopsError(f"{what} of {len(str(text))} digits is too long a duration") from None
     match = DURATION.match(text) if isinstance(text, str) else None
     if not match:
         raise EdgeopsError(f"{what} {text!r} is not a duration; write e.g. 30s, 10m, 2h")
@@ -57,7 +65,7 @@ class Stage:
             raise EdgeopsError(f"stage {text!r} must be a percentage (10% or 10) or a count of devices (3dev)")
         value, unit = float(match.group(1)), match.group(2)
         if unit in ("dev", "devs", "devices"):
-            if value != int(value) or value < 1:
+            if not math.isfinite(value) or value != int(value) or value < 1:  # "1"*400 + "dev" is inf
                 raise EdgeopsError(f"stage {text!r}: a count of devices is a whole number, at least 1")
             return cls(f"{int(value)}dev", count=int(value))
         if not 0 < value <= 100:
@@ -114,7 +122,7 @@ class Plan:
             raise EdgeopsError(f"bake {self.bake_s:g}s must be >= 0")
         unknown = set(self.deadlines_s) - set(IN_FLIGHT)
         if unknown:
-            raise EdgeopsError(f"deadlines name unknown state(s) {', '.join(sorted(unknown))}; states: {', '.join(IN_FLIGHT)}")
+            raise EdgeopsError(f"deadlines name unknown state(s) {_names(sorted(unknown))}; states: {', '.join(IN_FLIGHT)}")
         if any(v <= 0 for v in self.deadlines_s.values()):
             raise EdgeopsError("deadlines must be above zero")
         object.__setattr__(self, "deadlines_s", {**DEFAULT_DEADLINES, **self.deadlines_s})
@@ -182,7 +190,7 @@ def _gates(base: Gates, given: dict[str, Any]) -> Gates:
     known = set(asdict(base))
     unknown = set(given) - known
     if unknown:
-        raise EdgeopsError(f"unknown gate setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise EdgeopsError(f"unknown gate setting(s) {_names(sorted(unknown))}; known: {', '.join(sorted(known))}")
     for name, value in given.items():
         expected = bool if name == "drift" else (int, float)
         if not isinstance(value, expected) or (name != "drift" and (isinstance(value, bool) or value < 0)):
@@ -207,7 +215,7 @@ def load_plan(path: str | Path) -> Plan:
         raise EdgeopsError(f"plan {path}: rollout {table!r} must be a table ([rollout])")
     unknown = sorted(set(table) - set(PLAN_KEYS))
     if unknown:
-        raise EdgeopsError(f"plan {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(PLAN_KEYS)}")
+        raise EdgeopsError(f"plan {path}: unknown key(s) {_names(unknown)}; known: {', '.join(PLAN_KEYS)}")
     try:
         return make_plan(**table)
     except (TypeError, AttributeError) as exc:

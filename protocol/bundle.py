@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,11 @@ ALLOWED_MEMBERS = (MANIFEST, "reference.json", "selftest.npz", *MODEL_FILES)
 MAX_MEMBER_BYTES = 2 * 1024**3
 MAX_MANIFEST_BYTES = 1024**2
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# What zipfile raises on damaged archives besides BadZipFile: a corrupt deflate, bzip2 or lzma stream
+# (zlib.error, OSError, EOFError, LZMAError), an unknown compression method (NotImplementedError), the
+# encryption flag (RuntimeError), a name flagged UTF-8 that is not (UnicodeDecodeError, a ValueError).
+_CORRUPT_ZIP = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError, NotImplementedError,
+                RuntimeError, ValueError)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -148,8 +155,11 @@ def _refuse(path: Path, reason: str) -> EdgeopsError:
 
 def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
     """Inflate at most `limit` bytes; a member that inflates past it is refused (zip bombs)."""
-    with archive.open(info) as fh:
-        data = fh.read(limit + 1)
+    try:
+        with archive.open(info) as fh:
+            data = fh.read(limit + 1)
+    except _CORRUPT_ZIP as exc:
+        raise _refuse(path, f"member {info.filename!r} is corrupt ({exc})") from None
     if len(data) > limit:
         raise _refuse(path, f"member {info.filename} is larger than {limit} bytes")
     return data
@@ -205,7 +215,7 @@ def _open(path: Path) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except FileNotFoundError:
         raise EdgeopsError(f"bundle {path} does not exist") from None
-    except (zipfile.BadZipFile, OSError) as exc:
+    except _CORRUPT_ZIP as exc:
         raise _refuse(path, f"not a bundle (not a zip file: {exc})") from None
 
 

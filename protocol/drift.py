@@ -37,8 +37,10 @@ import binascii
 import hashlib
 import io
 import json
+import lzma
 import math
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -277,5 +279,6 @@ def decode_sample(body: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 raise ValueError(f"inflates past {MAX_SAMPLE_INFLATED} bytes")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except (KeyError, TypeError, ValueError, binascii.Error, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (KeyError, TypeError, ValueError, binascii.Error, zipfile.BadZipFile, OSError, EOFError,
+            zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError) as exc:  # corrupt or odd zip members
         raise EdgeopsError(f"sample record is not a base64 .npz of plain arrays ({exc})") from None

@@ -73,7 +73,7 @@ class Profile:
 
 
 def _fail(where: str, field: str, reason: str) -> EdgeopsError:
-    return EdgeopsError(f"profile {where}: field '{field}' {reason}")
+    return EdgeopsError(f"profile {where}: field {field!r} {reason}")  # repr: a key may hold a newline
 
 
 def _check_keys(where: str, prefix: str, table: dict, cls: type) -> None:
@@ -90,7 +90,10 @@ def _check_keys(where: str, prefix: str, table: dict, cls: type) -> None:
 
 def _typed(where: str, field: str, value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # TOML integers are unbounded in tomllib
+            raise _fail(where, field, f"is too large ({len(str(abs(value)))} digits)") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _fail(where, field, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -105,7 +108,7 @@ def _choice(where: str, field: str, value: Any, allowed: tuple[str, ...]) -> str
 
 def _positive(where: str, field: str, value: Any, kind: type) -> Any:
     value = _typed(where, field, value, kind)
-    if not math.isfinite(value):  # nan would compare false with every measurement and disable the budget
+    if isinstance(value, float) and not math.isfinite(value):  # nan would compare false with every measurement and disable the budget
         raise _fail(where, field, f"must be a finite number, got {value}")
     if value <= 0:
         raise _fail(where, field, f"must be positive, got {value}")

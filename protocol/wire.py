@@ -76,6 +76,8 @@ def decode(payload: bytes, required: dict[str, type], limit: int = MAX_JSON_PAYL
         message = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(f"payload is not JSON ({exc})") from None
+    except RecursionError:  # e.g. 60 KiB of "[": under the size limit, deeper than Python recurses
+        raise WireError("payload nests too deeply") from None
     if not isinstance(message, dict):
         raise WireError("payload is not a JSON object")
     for field, kind in required.items():
