@@ -38,7 +38,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -53,7 +52,6 @@ from edgeops.protocol import wire
 from edgeops.protocol.bundle import (
     ALLOWED_MEMBERS,
     MANIFEST,
-    build_bundle,
     canonical_json,
     npz_bytes,
     read_bundle,
