@@ -185,3 +185,24 @@ def slot_releases(digits_bundle, tmp_path_factory):
 # ======================================================================================================
 # END agent A/B slot releases
 # ======================================================================================================
+
+
+# ======================================================================================================
+# BEGIN a Python with nothing installed
+# (used by the tests of errors about a missing extra: test_bad_input.py, test_inc.py, test_litert_build.py)
+# ======================================================================================================
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory) -> str:
+    """The python of a venv without pip or any package: what a missing extra looks like."""
+    import subprocess
+
+    venv = tmp_path_factory.mktemp("bare-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
+# ======================================================================================================
+# END a Python with nothing installed
+# ======================================================================================================

@@ -194,13 +194,8 @@ def test_profile_with_a_typo(tmp_path, digits_model, build_fails):
     assert "did you mean 'max_latency_ms'" in line
 
 
-def test_a_litert_profile_without_the_tflite_extra_names_it(digits_model, build_fails, monkeypatch, tmp_path):
-    import subprocess
-    import sys
-
-    bare = tmp_path / "bare"  # a Python without TensorFlow and onnx2tf (nor numpy)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
-    monkeypatch.setenv("EDGEOPS_TFLITE_PYTHON", str(bare / "bin" / "python"))
+def test_a_litert_profile_without_the_tflite_extra_names_it(digits_model, build_fails, monkeypatch, bare_python):
+    monkeypatch.setenv("EDGEOPS_TFLITE_PYTHON", bare_python)
     line = build_fails(digits_model.onnx, "--profile", "coral-devboard", "--calib", digits_model.calib)
     assert "pip install 'edgeops[tflite]'" in line and "EDGEOPS_TFLITE_PYTHON" in line
 

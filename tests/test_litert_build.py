@@ -179,11 +179,9 @@ def test_a_real_model_onnx2tf_cannot_convert_fails_in_one_line(tmp_path, convert
     assert "\n" not in str(info.value) and ("onnx2tf could not convert" in str(info.value) or "TFLite has no" in str(info.value))
 
 
-def test_without_the_tflite_extra_the_error_names_it(tmp_path, monkeypatch, mlp):
+def test_without_the_tflite_extra_the_error_names_it(tmp_path, monkeypatch, mlp, bare_python):
     model, _ = mlp
-    bare = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
-    monkeypatch.setenv(litert.CONVERTER_PYTHON, str(bare / "bin" / "python"))
+    monkeypatch.setenv(litert.CONVERTER_PYTHON, bare_python)
     with pytest.raises(EdgeopsError) as info:
         build(BuildRequest(model.onnx, "coral-devboard", model.calib, model.eval, name="digits", outdir=tmp_path / "out"))
     assert "pip install 'edgeops[tflite]'" in str(info.value) and litert.CONVERTER_PYTHON in str(info.value)
