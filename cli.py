@@ -19,6 +19,18 @@ from edgeops.protocol.errors import EdgeopsError
 log = logging.getLogger("edgeops")
 
 
+def _read_fleet(fleet_at: str, remote, local):
+    """A read from the fleet's HTTP API (`remote(url)`, --fleet URL) or its registry (`local(db)`, --fleet DIR)."""
+    from edgeops.fleet import client
+
+    if client.is_url(fleet_at):
+        return remote(fleet_at)
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.registry import open_db
+
+    return local(open_db(FleetHome.open(fleet_at).db_path))
+
+
 def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -531,16 +543,9 @@ def rollout_show(rollout_id: int, fleet_at: str, token: str | None, as_json: boo
       edgeops rollout show 3 --fleet ./fleet
       edgeops rollout show 3 --fleet http://127.0.0.1:8420 --json
     """
-    from edgeops.fleet import client
+    from edgeops.fleet import client, rollout as engine
 
-    if client.is_url(fleet_at):
-        data = client.rollout(fleet_at, token, rollout_id)
-    else:
-        from edgeops.fleet.home import FleetHome
-        from edgeops.fleet.registry import open_db
-        from edgeops.fleet.rollout import summary
-
-        data = summary(open_db(FleetHome.open(fleet_at).db_path), rollout_id)
+    data = _read_fleet(fleet_at, lambda url: client.rollout(url, token, rollout_id), lambda db: engine.summary(db, rollout_id))
     if as_json:
         _echo_json(data)
         return
@@ -562,16 +567,9 @@ def status(fleet_at: str, token: str | None, as_json: bool) -> None:
       edgeops status --fleet ./fleet --json
       edgeops status --fleet http://127.0.0.1:8420 --token "$(jq -r .api_token ./fleet/fleet.json)"
     """
-    from edgeops.fleet import client
+    from edgeops.fleet import client, registry
 
-    if client.is_url(fleet_at):
-        data = client.status(fleet_at, token)
-    else:
-        from edgeops.fleet.home import FleetHome
-        from edgeops.fleet.registry import open_db
-        from edgeops.fleet.registry import status as fleet_status
-
-        data = fleet_status(open_db(FleetHome.open(fleet_at).db_path))
+    data = _read_fleet(fleet_at, lambda url: client.status(url, token), registry.status)
     if as_json:
         _echo_json(data)
         return
@@ -604,16 +602,9 @@ def drift_report(fleet_at: str, token: str | None, model: str | None, as_json: b
       edgeops drift report --fleet ./fleet
       edgeops drift report --fleet http://127.0.0.1:8420 --model digits --json
     """
-    from edgeops.fleet import client
+    from edgeops.fleet import client, drift as fleet_drift
 
-    if client.is_url(fleet_at):
-        data = client.drift(fleet_at, token, model)
-    else:
-        from edgeops.fleet.drift import report
-        from edgeops.fleet.home import FleetHome
-        from edgeops.fleet.registry import open_db
-
-        data = report(open_db(FleetHome.open(fleet_at).db_path), model)
+    data = _read_fleet(fleet_at, lambda url: client.drift(url, token, model), lambda db: fleet_drift.report(db, model))
     if as_json:
         _echo_json(data)
         return
