@@ -419,7 +419,7 @@ _TOKEN_HELP = "API token for --fleet URL (api_token in the fleet's fleet.json)."
 @click.option("--stages", help="Cumulative stages: percentages (10% or 10) or counts (3dev); the last is 100%. "
                                "[default: 1dev,10%,50%,100%]")
 @click.option("--bake", help="Time each stage's devices run the new version before the next stage, e.g. 30s, 10m. [default: 10m]")
-@click.option("--min-calls", type=click.IntRange(0), help="Inferences on the new version per stage before its gates count. [default: 100]")
+@click.option("--min-calls", type=click.IntRange(0), help="Inferences on the new version before its gates count, and during each stage's bake before it advances. [default: 100]")
 @click.option("--abort", help="Install failures that stop the rollout, e.g. 'failed>5%,min=5'. [default: failed>5%,min=5]")
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), help="What a failed gate or abort does. [default: rollback]")
 @click.option("--deadline", help="How long a device may stay silent in any install state before it is timed out. [default: 10m, 30m downloading]")
