@@ -5,7 +5,8 @@ Syntax (docs/rollouts.md):
     stages      "1dev,10%,50%,100%": a count of devices ("3dev") or a percentage of the targeted
                 devices ("10%" or plain "10"); cumulative, increasing, the last one 100%
     bake        "10m": how long a stage's devices run the new version, all settled, before the next
-    min_calls   inferences on the new version, per stage, before its health gates count
+    min_calls   inferences on the new version before its health gates count, and again during
+                each stage's bake before that stage advances
     abort       "failed>5%,min=5": install failures (failed, rejected, timed-out) above 5% of the
                 settled devices, once 5 have settled (or all of a smaller rollout), abort it
     on_failure  "rollback" (the updated devices go back to their previous release) or "pause"
