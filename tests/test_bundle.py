@@ -21,6 +21,9 @@ from edgeops.protocol.errors import EdgeopsError
 
 REGULAR = stat.S_IFREG | 0o644
 SYMLINK = stat.S_IFLNK | 0o777
+# Zip has no hard-link entry; the nearest thing an archiver writes for one is a second name for the same
+# bytes, which "duplicate-member" covers. Device files and FIFOs are modes like links.
+SPECIAL = {"char-device": stat.S_IFCHR | 0o666, "block-device": stat.S_IFBLK | 0o660, "fifo": stat.S_IFIFO | 0o644}
 MB = 1024 * 1024
 
 
@@ -247,6 +250,10 @@ def hostile_cases(manifest: dict, members: dict[str, bytes]) -> dict[str, tuple[
             [e for e in good if e[0] != "reference.json"] + [("reference.json", b"/etc/passwd", SYMLINK)],
             "not a regular file",
         ),
+        **{
+            name: ([e for e in good if e[0] != "selftest.npz"] + [("selftest.npz", b"", mode)], "not a regular file")
+            for name, mode in SPECIAL.items()
+        },
         "unexpected-member": (good + [("run.sh", b"#!/bin/sh\n")], "unexpected member"),
         "duplicate-member": (good + [("model.onnx", model)], "duplicate"),
         "declared-smaller": (with_file_entry("model.onnx", size=len(model) - 1), "larger than"),
@@ -275,7 +282,8 @@ def hostile_cases(manifest: dict, members: dict[str, bytes]) -> dict[str, tuple[
 
 
 HOSTILE = (
-    "traversal", "traversal-nested", "absolute", "backslash", "symlink", "unexpected-member", "duplicate-member",
+    "traversal", "traversal-nested", "absolute", "backslash", "symlink", "char-device", "block-device", "fifo",
+    "unexpected-member", "duplicate-member",
     "declared-smaller", "declared-negative", "declared-huge", "unknown-schema", "no-schema", "hash-mismatch",
     "listed-member-missing", "member-not-in-manifest", "manifest-lists-odd-member", "model-file-not-a-model",
     "manifest-missing-key", "manifest-not-json", "manifest-not-object", "manifest-bomb", "no-manifest", "empty-zip",
