@@ -371,7 +371,7 @@ def test_full_outbox_accounts_for_every_record(deployed, pixels):
     assert stored == list(range(stored[0], stored[0] + len(stored))) and stored[-1] == made + metrics
 
 
-def test_fleet_ignores_forged_and_malformed_telemetry_and_keeps_ingesting(broker, tmp_path):
+def test_fleet_ignores_forged_malformed_and_replayed_telemetry(broker, tmp_path):
     home = init_fleet(tmp_path / "fleet", broker)
     for device_id in (DEVICE, "dev-2"):
         enroll_device(home, device_id, "x86-vnni", {}, tmp_path / device_id)
@@ -420,6 +420,14 @@ def test_fleet_ignores_forged_and_malformed_telemetry_and_keeps_ingesting(broker
         assert rows == [(DEVICE, 1, "inference", 1.5, "digits", "1.0.0", good[3]),
                         (DEVICE, 2, "metrics", 2.5, None, None, later[3])]
         assert db.execute("select device, received, dropped from telemetry_devices").fetchall() == [(DEVICE, 2, 4)]
+        # A replay of the stored batch, and of an older one, changes nothing; the next new record still counts.
+        replays = [wire.telemetry_batch(DEVICE, [good, later], 4), wire.telemetry_batch(DEVICE, [good], 0)]
+        fresh = (3, "metrics", 3.5, '{"cpu_percent":4.5}')
+        for payload in [*replays, wire.telemetry_batch(DEVICE, [fresh], 4)]:
+            client.publish(wire.topic(DEVICE, "telemetry"), payload, qos=1).wait_for_publish(10)
+        wait_for(lambda: db.execute("select count(*) from telemetry").fetchone()[0] >= 3, "the fresh record to be stored")
+        assert [r[0] for r in db.execute("select seq from telemetry order by seq").fetchall()] == [1, 2, 3]
+        assert db.execute("select device, received, dropped from telemetry_devices").fetchall() == [(DEVICE, 3, 4)]
         assert all(t.is_alive() for t in server._threads)
     finally:
         client.loop_stop()
