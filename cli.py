@@ -148,29 +148,37 @@ def profiles_show(name: str, as_json: bool) -> None:
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Model version.")
 @click.option("-o", "--output", "outdir", default=".", show_default=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
-def build(model, profile, calib, eval_, max_accuracy_drop, metric, engine, name, version, outdir, as_json) -> None:
+@click.option("--max-memory", metavar="SIZE", help="Memory the build process may allocate, e.g. 8GiB. [default: 3/4 of this machine's RAM]")
+@click.option("--max-cpu-time", metavar="DURATION", help="CPU time the build process may use, e.g. 30m, 2h. [default: 8h]")
+def build(model, profile, calib, eval_, max_accuracy_drop, metric, engine, name, version, outdir, as_json,
+          max_memory, max_cpu_time) -> None:
     """Compile MODEL for a hardware profile into a signed-ready bundle.
 
     Prunes and quantizes, measures every candidate on the eval data, and keeps
     the smallest, fastest one within --max-accuracy-drop and the profile's budgets.
+    The model is untrusted input: the build runs in a child process under
+    --max-memory and --max-cpu-time, and fails with one line when it exceeds them.
 
     \b
     Examples:
       edgeops build model.onnx --profile rpi4 --calib calib.npz --eval eval.npz
       edgeops build model.onnx -p x86-vnni --calib calib.npz --max-accuracy-drop 0.005 -o dist/
       edgeops build model.onnx -p rpi-zero2w --calib calib.npz --json > report.json
+      edgeops build untrusted.onnx -p rpi4 --calib calib.npz --max-memory 4GiB --max-cpu-time 30m
       EDGEOPS_INC_PYTHON=~/inc-venv/bin/python edgeops build model.onnx -p rpi4 --calib calib.npz --eval eval.npz --engine inc
     """
     from rich.console import Console
 
-    from edgeops.compiler.build import BuildRequest
-    from edgeops.compiler.build import build as run_build
     from edgeops.compiler.report import render
+    from edgeops.compiler.sandbox import Limits, run_build
 
+    limits = Limits.from_options(max_memory, max_cpu_time)
     err = Console(stderr=True)
-    request = BuildRequest(model, profile, calib, eval_, max_accuracy_drop, name, version, outdir, metric, engine=engine)
+    # The fields of edgeops.compiler.build.BuildRequest: this process never imports the compiler itself.
+    request = {"model": model, "profile": profile, "calib": calib, "eval": eval_, "max_drop": max_accuracy_drop,
+               "name": name, "version": version, "outdir": outdir, "metric": metric, "engine": engine}
     with err.status("building") as status:
-        report = run_build(request, progress=lambda message: status.update(message))
+        report = run_build(request, limits, progress=lambda message: status.update(message))
     if as_json:
         _echo_json(report)
     else:

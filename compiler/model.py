@@ -2,7 +2,10 @@
 
 Invariants: external data is read only from files inside the model's own folder (no `..`, no
 absolute paths, no symlinks leading out); dimensions and tensor sizes are bounded before anything
-allocates them; every failure is an EdgeopsError with one line saying what is wrong.
+allocates them; nesting is bounded by protobuf's depth limit (31 levels of If or Loop); every
+node is in a domain onnxruntime implements, or calls a function the model defines; every failure
+is an EdgeopsError with one line saying what is wrong. Limits on memory and CPU time are not here:
+the build runs in a limited child process (compiler/sandbox.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from edgeops.protocol.errors import EdgeopsError
 MAX_DIM = 2**31 - 1
 MAX_TENSOR_ELEMENTS = 2**31
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# ONNX's own domains and onnxruntime's contrib ones (onnxruntime.capi.onnxruntime_pybind11_state.
+# get_all_operator_schema lists them, but takes 0.7 s); ops elsewhere need a custom-op library.
+RUNTIME_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training",
+                             "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc"})
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,22 @@ def _all_tensors(model: onnx.ModelProto):
     yield from onnx.external_data_helper._get_all_tensors(model)
 
 
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+                yield from _all_nodes(sub)
+
+
+def _check_domains(model: onnx.ModelProto) -> None:
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in _all_nodes(model.graph):
+        if node.domain not in RUNTIME_DOMAINS and (node.domain, node.op_type) not in local:
+            raise EdgeopsError(f"node '{node.name or node.op_type}' is a custom op {node.op_type!r} of domain "
+                               f"{node.domain!r}, which onnxruntime does not implement; refusing the model")
+
+
 def _check_sizes(model: onnx.ModelProto) -> None:
     for value in [*model.graph.input, *model.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
@@ -116,10 +139,14 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        if "MaxDepth" in str(exc):  # upb's limit of 100 message levels: 32 levels of If or Loop
+            raise EdgeopsError(f"{path} nests subgraphs deeper than protobuf's nesting limit "
+                               "(31 levels of If or Loop); refusing") from None
         raise EdgeopsError(f"{path} is not a valid ONNX model (truncated or not protobuf: {exc})") from None
     if not model.graph.node and not model.graph.output:
         raise EdgeopsError(f"{path} is not a valid ONNX model (empty graph)")
     _check_sizes(model)
+    _check_domains(model)
     _check_external_data(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
