@@ -10,11 +10,17 @@ Invariants:
   stay aligned; it named a block that is simply fetched again;
 - reading progress (the constructor) changes nothing on disk, so anyone may inspect a download;
 - nothing here is trusted: the finished file is hashed against signed metadata before any use.
+
+A full disk (ENOSPC) while writing a block is the caller's to handle: the agent discards the
+partial download (so it does not keep the disk full) and tries again later; `check_room` refuses
+to start a download whose missing blocks cannot fit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -41,6 +47,13 @@ class PartialDownload:
 
     def missing(self) -> list[int]:
         return [index for index in range(self.count) if index not in self.have]
+
+    def check_room(self) -> None:
+        """Raise OSError(ENOSPC) when the blocks still missing do not fit in the free space."""
+        needed = sum(self.block_size(index) for index in self.missing())
+        free = shutil.disk_usage(self.path.parent).free
+        if needed > free:
+            raise OSError(errno.ENOSPC, f"{needed} bytes to download, {free} free", str(self.path.parent))
 
     def block_size(self, index: int) -> int:
         return min(MAX_BLOCK, self.length - index * MAX_BLOCK)
@@ -75,3 +88,12 @@ def discard(path: Path) -> None:
     """Remove a partial download and its log."""
     path.unlink(missing_ok=True)
     path.with_suffix(".have").unlink(missing_ok=True)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or the error that caused it, is a full disk (or quota)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__
+    return False

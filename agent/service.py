@@ -10,10 +10,14 @@ reason. Invariants:
   before (state/previous.json) and the signed targets metadata no longer lists the installed one
   (the fleet withdrew it): that is how the fleet rolls an update back; any other is refused;
 - any failure leaves the previous model active and serving;
+- signed metadata is judged at the later of the wall clock and the time floor (agent/clock.py); a
+  wall clock found wrong is logged and reported in `state.clock`, and the model keeps serving;
 - a release that was rejected or failed is not retried until the fleet names a different one,
-  while transient faults (fleet or broker unreachable) are retried with backoff;
+  while transient faults (fleet or broker unreachable, a full disk) are retried with backoff;
 - a model the agent does not stay up on (more than `crash_loop_starts` starts in a row, none lasting
   `healthy_after_s`) is replaced by the one before it and never installed again (agent/boots.py);
+- a full disk does not stop a start: what it keeps from being written (the start count, the time
+  floor, state/api.json) is kept in memory, served from, and written once there is room;
 - inference is served from the active slot only, and switches to a new model after its install
   completed (agent/serving.py), so apps never see a model that did not pass its self-test.
 """
@@ -32,7 +36,7 @@ from typing import Any
 from edgeops.agent.boots import DEFAULT_HEALTHY_AFTER_S, DEFAULT_LIMIT, BootGuard
 from edgeops.agent.metrics import DeviceMetrics
 from edgeops.agent.outbox import DEFAULT_MAX_BYTES, Outbox
-from edgeops.agent.partial import discard
+from edgeops.agent.partial import discard, disk_full
 from edgeops.agent.serving import Serving
 from edgeops.agent.slots import SlotStore, failpoint
 from edgeops.agent.telemetry import Telemetry
@@ -40,6 +44,7 @@ from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
 from edgeops.protocol.bundle import atomic_write, canonical_json, read_manifest
 from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.mqtt import KEEPALIVE_S
 
 log = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 4 * 1024 * 1024
@@ -55,7 +60,8 @@ class DeviceConfig:
     labels: dict[str, str]
     username: str | None = None  # broker credentials; absent for a broker that allows anonymous clients
     password: str | None = None
-    options: dict[str, Any] | None = None  # device.json "agent": outbox_bytes, metrics_interval_s, drift_window, capture
+    options: dict[str, Any] | None = None  # device.json "agent": outbox_bytes, metrics_interval_s, drift_window, capture,
+    # keepalive_s (MQTT keepalive: a silent link to the broker is given up within twice this), ... (docs/agent.md)
 
     def option(self, name: str, default: Any) -> Any:
         value = (self.options or {}).get(name, default)
@@ -90,12 +96,17 @@ class Agent:
         self.downloads = state / "downloads"
         self._desired: queue.Queue[dict[str, Any]] = queue.Queue()
         self._settled: set[tuple[Any, str]] = set()
+        self._api_unsaved: str | None = None  # the API's address, when a full disk kept it out of api.json
+        keepalive = self.config.option("keepalive_s", KEEPALIVE_S)
+        if not 1 <= keepalive <= 65535:  # MQTT's two bytes; paho takes 0 as "never"
+            raise EdgeopsError(f"{self.config.path / 'device.json'}: agent.keepalive_s must be 1 to 65535 seconds")
         self.link = Link(self.config.id, self.config.broker, self._desired.put,
-                         self.config.username, self.config.password)
+                         self.config.username, self.config.password, keepalive)
         outbox = Outbox(state / "outbox.db", self.config.option("outbox_bytes", DEFAULT_MAX_BYTES))
         self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),
                                    float(self.config.option("metrics_interval_s", 30.0)),
-                                   self.config.option("drift_window", 500), self.config.option("capture", 0))
+                                   self.config.option("drift_window", 500), self.config.option("capture", 0),
+                                   float(self.config.option("forward_linger_s", 1.0)))
         self.link.on_ack = self.telemetry.acknowledged
         self.serving = Serving(self.telemetry.observe)
 
@@ -133,7 +144,7 @@ class Agent:
     def report(self, release: Any = None, state: str | None = None, reason: str = "") -> None:
         execution = {"release": release, "state": state, "reason": reason} if state else None
         self.link.report({"online": True, "profile": self.config.profile, "installed": self.installed(),
-                          "execution": execution})
+                          "execution": execution, "clock": self.trust.clock.skew()})
 
     def run(self, stop: threading.Event, api: str | None = None) -> None:
         """Serve until `stop` is set: connect, report, serve inference (on `api` HOST:PORT too, when
@@ -147,7 +158,7 @@ class Agent:
         healthy.start()
         server = InferenceServer(self.serving, api).start() if api else None
         if server is not None:
-            atomic_write(self.config.path / "state" / "api.json", canonical_json({"url": server.url}))
+            self._publish_api(server.url)
         workers = [threading.Thread(target=self.telemetry.run_recorder, args=(stop,), name="edgeops-recorder", daemon=True),
                    threading.Thread(target=self.telemetry.run_forwarder, args=(stop, self.link), name="edgeops-forwarder",
                                     daemon=True)]
@@ -164,7 +175,7 @@ class Agent:
             healthy.cancel()
             if server is not None:
                 server.stop()
-                (self.config.path / "state" / "api.json").unlink(missing_ok=True)
+                self._api_path.unlink(missing_ok=True)
             for worker in workers:
                 worker.join(timeout=10)
             self.link.stop()
@@ -172,6 +183,11 @@ class Agent:
     def _follow(self, stop: threading.Event) -> None:
         desired, attempt = None, 0
         while not stop.is_set():
+            if self.trust.clock.tick():  # the wall clock went wrong, or right again: tell the fleet now
+                self.report()
+            self.boots.flush()  # what a full disk held back, now that there may be room
+            if self._api_unsaved:
+                self._publish_api(self._api_unsaved)
             try:
                 desired = self._desired.get(timeout=0.5)
                 while not self._desired.empty():  # only the newest matters
@@ -240,7 +256,15 @@ class Agent:
         except FetchError as exc:
             log.warning("download of %s interrupted: %s", target, exc)
             return False
-        except EdgeopsError as exc:
+        except (OSError, EdgeopsError) as exc:
+            if disk_full(exc):  # transient: free what the release took, say so, keep serving, retry later
+                if part is not None:
+                    discard(part)
+                log.error("no room for %s: %s", target, exc)
+                self.report(release, "failed", f"disk-full: {exc}; retrying when there is room")
+                return False
+            if not isinstance(exc, EdgeopsError):
+                raise
             self._settle(release, target, part)
             self.report(release, "failed", str(exc))
             return True
@@ -250,6 +274,26 @@ class Agent:
         self._serve_active()
         self.report(release, "active")
         return True
+
+    @property
+    def _api_path(self) -> Path:
+        return self.config.path / "state" / "api.json"
+
+    def _publish_api(self, url: str) -> None:
+        """Tell local clients (`edgeops agent infer`) where the API is; on a full disk, log it instead
+        and let _follow retry."""
+        try:
+            atomic_write(self._api_path, canonical_json({"url": url}))
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            if self._api_unsaved is None:
+                self._api_path.unlink(missing_ok=True)  # an earlier run's address would mislead clients
+                log.warning("cannot write %s (%s): the inference API serves at %s; written once there is room",
+                            self._api_path, exc, url)
+            self._api_unsaved = url
+            return
+        self._api_unsaved = None
 
     @property
     def _previous_path(self) -> Path:

@@ -49,12 +49,15 @@ BUNDLE = "bundle.edgeops"
 POINTER = "current"
 JOURNAL = "install.json"
 FAILPOINT_ENV = "EDGEOPS_FAILPOINT"
+FAILPOINT_ACTION_ENV = "EDGEOPS_FAILPOINT_ACTION"
 
 
 def failpoint(point: str) -> None:
-    """Die here, as a power cut or OOM kill would, when EDGEOPS_FAILPOINT names `point` (crash tests)."""
+    """Die here, as a power cut or OOM kill would, when EDGEOPS_FAILPOINT names `point` (crash tests);
+    with EDGEOPS_FAILPOINT_ACTION=stop, freeze here instead (SIGSTOP), so a test can cut the power."""
     if os.environ.get(FAILPOINT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+        stop = os.environ.get(FAILPOINT_ACTION_ENV) == "stop"
+        os.kill(os.getpid(), signal.SIGSTOP if stop else signal.SIGKILL)
 
 
 class InstallFailed(EdgeopsError):

@@ -12,7 +12,6 @@ received here is trusted: the caller verifies all of it against signed metadata.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
@@ -45,7 +44,7 @@ class Link:
     """One device's MQTT session. Callbacks run on paho's thread; fetches block the caller."""
 
     def __init__(self, device_id: str, broker_url: str, on_desired: Callable[[dict[str, Any]], None],
-                 username: str | None = None, password: str | None = None):
+                 username: str | None = None, password: str | None = None, keepalive: int = mqttlib.KEEPALIVE_S):
         self.device_id = device_id
         self._on_desired = on_desired
         self._replies: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
@@ -60,7 +59,7 @@ class Link:
         self.on_ack: Callable[[list[int]], None] | None = None  # seqs of telemetry the fleet stored
         offline = wire.encode({"device": device_id, "online": False})
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, username, password,
-                                     will=(wire.topic(device_id, "state"), offline))
+                                     will=(wire.topic(device_id, "state"), offline), keepalive=keepalive)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
@@ -75,6 +74,7 @@ class Link:
         self.client.disconnect()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._forget_telemetry_publishes()
         if reason_code.is_failure:
             log.error("broker refused %s: %s", self.device_id, reason_code)
             return
@@ -84,6 +84,21 @@ class Link:
         client.subscribe(topics)
         self.epoch += 1
         self.connected.set()
+
+    def _forget_telemetry_publishes(self) -> None:
+        """Drop the telemetry publishes of earlier connections that paho still holds unacknowledged.
+
+        paho keeps unacknowledged QoS 1 publishes in memory and sends them again on reconnection (it
+        calls on_connect just before). For telemetry that is wrong: the outbox is its queue, and the
+        forwarder sends what is still there again on each new connection (agent/telemetry.py). A record
+        the outbox dropped while the link was down would otherwise reach the fleet from paho's copy and
+        be counted both received and dropped. paho offers no API for this, hence its private fields.
+        """
+        topic = wire.topic(self.device_id, "telemetry")
+        with self.client._out_message_mutex:
+            stale = [mid for mid, message in self.client._out_messages.items() if message.topic == topic]
+            for mid in stale:
+                del self.client._out_messages[mid]
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._subscribe_lock:
@@ -162,6 +177,7 @@ class Link:
         with self._fetch_lock:
             dest.parent.mkdir(parents=True, exist_ok=True)
             partial = PartialDownload(dest, length)
+            partial.check_room()
             topic = wire.stream_topic(path)
             self._stream = queue.Queue()
             self._stream_path = path

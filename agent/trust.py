@@ -5,6 +5,7 @@ Layout (written by `tuf.ngclient.Updater`):
     root.json                   symlink to the newest of them: the trust anchor of the next refresh
     timestamp.json, snapshot.json, targets.json
                                 the newest verified versions, the reference for rollback checks
+    clock.json                  the device's time floor (agent/clock.py)
 
 Invariants:
 - Trust starts at the root pinned at enrollment and moves only along roots that python-tuf verified
@@ -13,6 +14,9 @@ Invariants:
   replaces files without fsync, and a power cut must not take trusted metadata back a version.
 - `target_info()` and `verify_target()` answer only from metadata that `refresh()` verified in this
   process, and only while none of it has expired.
+- Expiry is judged at `Clock.now()`, the later of the wall clock and the persisted time floor, so a
+  clock set back does not revive expired metadata; python-tuf judges by the wall clock, so a clock
+  set forward makes fresh metadata look expired: a freeze, never an install.
 - Every refusal is a `TrustError` with a short `reason` code for the fleet. Errors raised by the
   `fetch` callable (the transport) propagate unchanged, so the caller can tell "retry" from "refused".
 """
@@ -27,11 +31,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgeops.agent.clock import Clock, Evidence
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.wire import ISSUED_FIELD, ISSUED_FORMAT
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater
-
-from edgeops.protocol.errors import EdgeopsError
 
 Fetch = Callable[[str], bytes]
 """Return the repository file at a path such as "metadata/timestamp.json" or "targets/<sha256>.<name>".
@@ -83,9 +89,9 @@ class _CallableFetcher(FetcherInterface):
             raise exceptions.DownloadHTTPError(f"{url} not found", 404) from exc
 
 
-def _refusal(exc: exceptions.RepositoryError) -> TrustError:
+def _refusal(exc: exceptions.RepositoryError, clock: Clock | None = None) -> TrustError:
     if isinstance(exc, exceptions.ExpiredMetadataError):
-        return ExpiredMetadata(str(exc))
+        return _expired(str(exc), clock)
     if isinstance(exc, exceptions.UnsignedMetadataError):
         return TrustError("bad-signature", f"metadata is not signed by a trusted key: {exc}")
     if isinstance(exc, exceptions.BadVersionNumberError):
@@ -93,6 +99,11 @@ def _refusal(exc: exceptions.RepositoryError) -> TrustError:
     if isinstance(exc, exceptions.LengthOrHashMismatchError):
         return TrustError("hash-mismatch", f"metadata does not match its signed hash: {exc}")
     return TrustError("bad-metadata", f"metadata refused: {exc}")
+
+
+def _expired(message: str, clock: Clock | None) -> ExpiredMetadata:
+    skew = clock.skew() if clock is not None else None
+    return ExpiredMetadata(f"{message}; {skew['reason']}" if skew else message)
 
 
 def _signed_target(name: str, info: TargetFile) -> SignedTarget:
@@ -111,6 +122,15 @@ def _version_key(version: Any) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _issued(signed: Any) -> float | None:
+    """The fleet's signed issue time of a timestamp (wire.ISSUED_FIELD), None if absent or malformed."""
+    try:
+        issued = datetime.strptime(signed.unrecognized_fields[ISSUED_FIELD], ISSUED_FORMAT)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return issued.replace(tzinfo=timezone.utc).timestamp()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -124,8 +144,11 @@ class TrustStore:
 
     def __init__(self, state_dir: str | Path):
         self.dir = Path(state_dir)
+        self.clock = Clock(self.dir / "clock.json")
         self._updater: Updater | None = None
         self._expires = datetime.min.replace(tzinfo=timezone.utc)
+        if self.has_root():
+            self._observe()
 
     def has_root(self) -> bool:
         return (self.dir / "root.json").exists()
@@ -141,25 +164,71 @@ class TrustStore:
             raise _refusal(exc) from None
         finally:
             self._sync()
+        self._observe()
 
     def refresh(self, fetch: Fetch) -> None:
         """Update root (chain), timestamp, snapshot and targets through `fetch`, verifying each."""
         if not self.has_root():
             raise EdgeopsError(f"{self.dir} has no pinned root; enroll the device first")
         self._updater = None
+        answered = False
         try:
-            updater = Updater(str(self.dir), METADATA_BASE, fetcher=_CallableFetcher(fetch), bootstrap=None)
-            updater.refresh()
+            try:
+                updater = Updater(str(self.dir), METADATA_BASE, fetcher=_CallableFetcher(fetch), bootstrap=None)
+                self._judge_at_floor(updater)
+                updater.refresh()
+                answered = True
+            except exceptions.RepositoryError:
+                answered = True  # the fleet answered; what it sent was refused
+                raise
+            finally:  # whatever python-tuf saved is verified: durable, and evidence for the clock
+                self._sync()
+                self._observe(answered)
         except exceptions.DownloadLengthMismatchError as exc:
             raise TrustError("length", f"metadata is longer than allowed: {exc}") from None
         except exceptions.DownloadError as exc:  # the transport's own error, for the caller to retry
             raise exc.__cause__ or exc
         except exceptions.RepositoryError as exc:
-            raise _refusal(exc) from None
-        finally:
-            self._sync()
-        self._updater = updater
+            raise _refusal(exc, self.clock) from None
         self._expires = min(Metadata.from_file(str(self.dir / f"{role}.json")).signed.expires for role in TOP_LEVEL)
+        self._check_expiry()
+        self._updater = updater
+
+    def _judge_at_floor(self, updater: Updater) -> None:
+        """python-tuf judges expiry at the time floor, so a clock set forward still fetches the fleet's
+        fresh metadata (its signed time shows by how much the clock is off); `_check_expiry` then
+        judges at the later of floor and wall clock. python-tuf sets its reference time once, from
+        the wall clock, in an internal object: fail loudly if that changes."""
+        trusted = getattr(updater, "_trusted_set", None)
+        if not hasattr(trusted, "reference_time"):
+            raise RuntimeError("this python-tuf has no Updater._trusted_set.reference_time, which edgeops "
+                               "sets to judge expiry at its time floor")
+        trusted.reference_time = datetime.fromtimestamp(self.clock.floor(), timezone.utc)
+
+    def _observe(self, fetched: bool = False) -> None:
+        """Hand what the trusted metadata on disk (all of it verified) says about the time to the clock;
+        `fetched`: it comes from a refresh that reached the fleet."""
+        signed = {}
+        for role in TOP_LEVEL:
+            try:
+                signed[role] = Metadata.from_bytes((self.dir / f"{role}.json").read_bytes()).signed
+            except (OSError, DeserializationError):  # absent, or damaged: python-tuf ignores it too
+                continue
+        if "root" not in signed:
+            return
+        expiry = {role: s.expires.timestamp() for role, s in signed.items()}
+        timestamp = signed.get("timestamp")
+        self.clock.observe(fetched=fetched, evidence=Evidence(
+            issued=_issued(timestamp) if timestamp else None,
+            timestamp_expires=expiry.get("timestamp", expiry["root"]),
+            earliest_expires=min(expiry.values()),
+            offline_expires=min(expiry["root"], expiry.get("targets", expiry["root"]))))
+
+    def _check_expiry(self) -> None:
+        now = self.clock.now()
+        if now >= self._expires:
+            raise _expired(f"signed metadata expired at {self._expires.isoformat()}, judged at {now.isoformat()} "
+                           f"(the later of this device's clock and its time floor)", self.clock)
 
     def _sync(self) -> None:
         history = self.dir / "root_history"
@@ -173,8 +242,7 @@ class TrustStore:
     def _target_file(self, name: str) -> TargetFile:
         if self._updater is None:
             raise RuntimeError("TrustStore.refresh() must succeed before targets are looked up")
-        if datetime.now(timezone.utc) >= self._expires:
-            raise ExpiredMetadata(f"signed metadata expired at {self._expires.isoformat()} since the last refresh")
+        self._check_expiry()
         info = self._updater.get_targetinfo(name)
         if info is None:
             raise TrustError("unknown-target", f"{name} is not in the signed targets metadata")

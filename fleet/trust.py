@@ -130,6 +130,8 @@ def _load(repo: Path, role: str) -> Metadata[Any]:
 
 
 def _write(repo: Path, md: Metadata[Any], *signers: CryptoSigner) -> None:
+    if md.signed.type == Timestamp.type:  # signed "not before" evidence for devices' clocks (agent/clock.py)
+        md.signed.unrecognized_fields[wire.ISSUED_FIELD] = datetime.now(timezone.utc).strftime(wire.ISSUED_FORMAT)
     md.signatures.clear()
     for signer in signers:
         md.sign(signer, append=True)

@@ -17,6 +17,8 @@ import paho.mqtt.client as mqtt
 
 from edgeops.protocol.errors import EdgeopsError
 
+KEEPALIVE_S = 30  # a silent connection is given up after 1.5-2x this (paho, Mosquitto)
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -32,7 +34,7 @@ class BrokerAddress:
 
 
 def client(client_id: str, url: str, username: str | None = None, password: str | None = None,
-           will: tuple[str, bytes] | None = None) -> mqtt.Client:
+           will: tuple[str, bytes] | None = None, keepalive: int = KEEPALIVE_S) -> mqtt.Client:
     """A connected-on-start client: call `.loop_start()` after setting callbacks; it connects asynchronously."""
     address = BrokerAddress.parse(url)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
@@ -44,7 +46,7 @@ def client(client_id: str, url: str, username: str | None = None, password: str 
     c.reconnect_delay_set(min_delay=1, max_delay=30)
     c.max_inflight_messages_set(100)
     c.on_socket_open = _no_delay
-    c.connect_async(address.host, address.port, keepalive=30)
+    c.connect_async(address.host, address.port, keepalive=keepalive)
     return c
 
 
