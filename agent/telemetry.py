@@ -10,8 +10,12 @@ Invariants:
   the fleet's session acknowledges and drops what no one subscribes to. Anything unacknowledged
   after a reconnection, a restart or ACK_TIMEOUT_S is sent again, so the fleet may see a record
   twice and ingests by (device, seq), counting it once;
-- every batch carries the outbox's cumulative `dropped` counter, so the fleet can account exactly
-  for records dropped while the outbox was full.
+- every batch carries the outbox's drop counters (agent/outbox.Drops), so the fleet can account
+  exactly for records dropped while the outbox was full, even those it stored before;
+- the forwarder lingers: it sends once a full batch (BATCH_RECORDS or BATCH_BYTES) is waiting or
+  the oldest unsent record has waited `forward_linger_s`, so a busy device sends few large messages
+  (the fleet's cost is per message) instead of one per commit. Durability is the outbox's, unchanged;
+  re-sends after a reconnection or a lost ack go at once.
 """
 
 from __future__ import annotations
@@ -43,9 +47,13 @@ MAX_LISTED = 64  # per-sample classes/confidences listed in one inference record
 
 class Telemetry:
     def __init__(self, device_id: str, outbox: Outbox, metrics: DeviceMetrics, metrics_interval_s: float = 30.0,
-                 drift_window: int = 500, capture: int = 0):
+                 drift_window: int = 500, capture: int = 0, forward_linger_s: float = 1.0):
         """Drift is tracked per served model in windows of `drift_window` samples (agent/drift.py);
         with `capture` > 0, up to that many input samples per window are sent for retraining."""
+        if not 0 <= forward_linger_s <= 60:
+            raise EdgeopsError(f"agent.forward_linger_s must be 0 to 60 seconds, not {forward_linger_s}")
+        self._linger = forward_linger_s
+        self._unsent_since: float | None = None  # monotonic time the forwarder first saw unsent records
         self.device_id = device_id
         self.outbox = outbox
         self._metrics = metrics
@@ -96,7 +104,7 @@ class Telemetry:
         if rows:
             try:
                 self.outbox.append(rows)
-            except Exception:  # e.g. disk full: these records are lost, counted in the log only
+            except Exception:  # an I/O error (a full disk is handled by the outbox): lost, logged only
                 log.exception("could not store %d records in the outbox", len(rows))
                 return 0
             self._wake.set()
@@ -157,29 +165,53 @@ class Telemetry:
     def run_forwarder(self, stop: threading.Event, link: Any) -> None:
         """Send the outbox through `link` (agent/transport.Link) until `stop`."""
         while not stop.is_set():
-            self.forward(link)
-            self._wake.wait(1.0)
+            wait = 1.0
+            try:
+                wait = self.forward(link)
+            except Exception:  # e.g. the outbox's disk failing: keep the thread, try again later
+                log.exception("could not forward the outbox")
+            self._wake.wait(min(wait, 1.0))  # `stop` is seen within a second, however long the linger
             self._wake.clear()
 
-    def forward(self, link: Any) -> None:
-        """Publish batches of pending records while fewer than IN_FLIGHT are unacknowledged."""
+    def forward(self, link: Any) -> float:
+        """Publish batches of pending records while fewer than IN_FLIGHT are unacknowledged, and a
+        full batch waits or the linger is over; returns how long the forwarder may sleep."""
         with self._lock:
             self._forget_acknowledged()
             if not link.connected.is_set():
-                return
+                return 1.0
             if self._epoch != link.epoch or self._stale():
-                # A new connection (or a lost ack): whatever was in flight is sent again from the start.
+                # A new connection (or a lost ack): whatever was in flight is sent again from the start, now.
                 self._epoch, self._in_flight, self._sent_up_to = link.epoch, {}, 0
+                self._unsent_since = float("-inf")
             while len(self._in_flight) < IN_FLIGHT:
+                lingering = self._lingering()
+                if lingering:
+                    return lingering
                 batch = self.outbox.pending(BATCH_RECORDS, self._sent_up_to, BATCH_BYTES)
                 if not batch:
-                    return
+                    self._unsent_since = None
+                    return 1.0
+                drops = self.outbox.drops()
                 payload = wire.telemetry_batch(self.device_id, [(r.seq, r.kind, r.t, r.body) for r in batch],
-                                               self.outbox.dropped())
+                                               drops.total, drops.watermark, drops.unsequenced)
                 if link.publish_telemetry(payload).rc != 0:
-                    return
+                    return 1.0
                 self._in_flight[(batch[0].seq, batch[-1].seq)] = time.monotonic()
                 self._sent_up_to = batch[-1].seq
+            return 1.0
+
+    def _lingering(self) -> float:
+        """Seconds left to wait for a fuller batch; 0 when one should go now (or nothing waits)."""
+        now = time.monotonic()
+        if not self._linger or (self._unsent_since is not None and now - self._unsent_since >= self._linger):
+            return 0.0
+        records, size = self.outbox.waiting(self._sent_up_to, BATCH_RECORDS)
+        if not records or records >= BATCH_RECORDS or size >= BATCH_BYTES:
+            return 0.0
+        if self._unsent_since is None:
+            self._unsent_since = now
+        return max(self._unsent_since + self._linger - now, 0.001)
 
     def _stale(self) -> bool:
         oldest = min(self._in_flight.values(), default=None)

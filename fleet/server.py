@@ -8,11 +8,13 @@ Invariants:
   (`wire.FETCH_PATH`); the device verifies everything it receives, so the fleet need not be trusted
   for integrity, only for availability. Targets go out on their broadcast streams (fleet/streams.py).
 - paho's network thread only parses and hands off: state reports and telemetry are written by one
-  writer thread, a burst in one transaction, and stream blocks are sent by another, so neither a
-  slow disk nor a big release delays answering the next message.
+  writer thread (fleet/ingest.Writer), a burst in one transaction, and stream blocks are sent by
+  another, so neither a slow disk nor a big release delays answering the next message.
 - Device messages are acknowledged to the broker (manual PUBACK) only after the transaction that
   stored them committed, so a fleet server killed mid-write gets them again from its persistent
   session instead of losing them.
+- With `share`, telemetry comes through the shared subscription of that group, so ingest workers
+  (`edgeops fleet ingest`, fleet/ingest.py) take their part of it; everything else stays here.
 - A malformed message is logged and dropped; no message can stop the server.
 - Online TUF metadata (snapshot, timestamp) is re-signed before it expires.
 """
@@ -20,7 +22,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgeops.fleet import hooks, registry, rollout, telemetry, trust
+from edgeops.fleet import hooks, ingest, registry, rollout, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
 from edgeops.fleet.home import CONFIG, FleetHome, withdraw_rolled_back
 from edgeops.fleet.streams import Streams
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 ENGINE_S = 1.0  # how often the rollout engine runs: time-outs, assignments, gates, advances
 DRIFT_CHECK_S = 5.0  # how often flagged model versions are looked for, with --on-drift
-MAX_REPORTS_PER_TRANSACTION = 1000
 
 
 @dataclass
@@ -48,15 +48,15 @@ class FleetServer:
     home: FleetHome
     broker_url: str
     on_drift: str | None = None  # shell command run once per model version flagged for retraining (fleet/hooks.py)
+    share: str | None = None  # shared-subscription group for telemetry, with the ingest workers (fleet/ingest.py)
 
     def __post_init__(self) -> None:
-        self.db = registry.open_db(self.home.db_path)
+        self.db = ingest.open_registry(self.home)
         self._db_lock = threading.Lock()
         self._published: dict[str, bytes] = {}
         self._generation: tuple | None = None  # registry.generation() when desired was last published
         self._withdraw_error = ""  # logged once, not every round
         self._targets: dict[str, bytes] = {}
-        self._reports: queue.Queue[tuple[str, str, dict, int]] = queue.Queue()  # (leaf, device, message, mid)
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client = mqttlib.client("edgeops-fleet", self.broker_url,
@@ -64,12 +64,16 @@ class FleetServer:
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self._subscriptions = [(f"{wire.PREFIX}/+/{leaf}", 1) for leaf in ("fetch", "state")]
+        self._subscriptions.append((ingest.telemetry_filter(self.share), 1))
+        self.client.on_subscribe = lambda *args: log.info("subscribed to %s", ", ".join(t for t, _ in self._subscriptions))
+        self.writer = ingest.Writer(self.client, self._store)
         self.streams = Streams(self._read, lambda topic, payload: self.client.publish(topic, payload, qos=1))
 
     def start(self) -> "FleetServer":
         self.client.loop_start()
         self._threads = [threading.Thread(target=run, name=f"edgeops-fleet-{name}", daemon=True)
-                         for name, run in (("loop", self._loop), ("reports", self._write_reports),
+                         for name, run in (("loop", self._loop), ("reports", lambda: self.writer.run(self._stop)),
                                            ("streams", lambda: self.streams.run(self._stop)))]
         for thread in self._threads:
             thread.start()
@@ -86,7 +90,9 @@ class FleetServer:
         if reason_code.is_failure:
             log.error("broker refused the fleet: %s", reason_code)
             return
-        client.subscribe([(f"{wire.PREFIX}/+/{leaf}", 1) for leaf in ("fetch", "state", "telemetry")])
+        client.subscribe(self._subscriptions)
+        if self.share is not None:  # a session persisted from a run without --share would get every message too
+            client.unsubscribe(ingest.telemetry_filter())
         self._published.clear()  # republish every desired message after a (re)connect
         self._generation = None
         self.connected.set()
@@ -98,9 +104,7 @@ class FleetServer:
             if leaf == "fetch":
                 self._answer_fetch(device_id, message.payload)
             elif leaf in ("state", "telemetry"):
-                parsed = (wire.parse_telemetry(message.payload) if leaf == "telemetry"
-                          else wire.decode(message.payload, {"device": str}))
-                self._reports.put((leaf, device_id, parsed, message.mid))
+                self.writer.put((leaf, device_id, ingest.parse_report(leaf, message.payload), message.mid))
                 stored = True  # acknowledged by the writer, after its commit
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
@@ -134,26 +138,14 @@ class FleetServer:
             self._targets[path] = (self.home.repo / path).read_bytes()
         return self._targets[path]
 
-    def _write_reports(self) -> None:
-        """Store state reports and telemetry as they come, each burst in one transaction per kind."""
-        while not self._stop.is_set():
-            try:
-                batch = [self._reports.get(timeout=0.5)]
-            except queue.Empty:
-                continue
-            while len(batch) < MAX_REPORTS_PER_TRANSACTION and not self._reports.empty():
-                batch.append(self._reports.get_nowait())
-            try:
-                with self._db_lock:
-                    registry.record_reports(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "state"])
-                    stored = telemetry.ingest(self.db, [(d, m) for leaf, d, m, _ in batch if leaf == "telemetry"])
-            except Exception:  # e.g. disk full: unacknowledged, the broker sends them again on reconnection
-                log.exception("could not store %d device messages", len(batch))
-                continue
-            for *_, mid in batch:
-                self.client.ack(mid, 1)
-            for device_id, seqs in stored:  # now the device may forget them
-                self.client.publish(wire.topic(device_id, "acks"), wire.telemetry_ack(seqs), qos=1)
+    def _store(self, burst: list[ingest.Report]) -> list[tuple[str, list[int]]]:
+        """State reports and telemetry of one burst, in one transaction per kind (ingest.Writer)."""
+        states = [(d, m) for leaf, d, m, _ in burst if leaf == "state"]
+        batches = [(d, m) for leaf, d, m, _ in burst if leaf == "telemetry"]
+        with self._db_lock:
+            if states:  # an empty transaction still costs a lock round
+                registry.record_reports(self.db, states)
+            return telemetry.ingest(self.db, batches) if batches else []
 
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""
@@ -207,20 +199,22 @@ class FleetServer:
             self._stop.wait(POLL_SECONDS)
 
 
-def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_drift: str | None = None) -> None:
+def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_drift: str | None = None,
+          share: str | None = None) -> None:
     """Run until interrupted: the embedded broker unless `broker_url` is given, the fleet server
-    (running `on_drift` for each model version flagged for retraining), and the operators' HTTP API
-    on `http` (HOST:PORT)."""
+    (running `on_drift` for each model version flagged for retraining; taking telemetry through the
+    shared subscription of group `share` if given), and the operators' HTTP API on `http` (HOST:PORT)."""
     from edgeops.fleet.broker import EmbeddedBroker
 
     home = FleetHome.open(home_dir)
+    ingest.telemetry_filter(share)  # a bad group name fails before anything starts
     api = ApiServer(home, http)  # binds now: a taken port fails before anything starts
     broker = None
     if broker_url is None:
         address = mqttlib.BrokerAddress.parse(home.config["broker"])
         broker = EmbeddedBroker(address.host, address.port).start()
         broker_url = broker.url
-    server = FleetServer(home, broker_url, on_drift).start()
+    server = FleetServer(home, broker_url, on_drift, share).start()
     api.start()
     log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s)",
                 home_dir, broker_url, api.url, home.path / CONFIG)

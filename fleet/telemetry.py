@@ -6,8 +6,18 @@ Invariants:
 - the fleet acks a batch to its device (`acks` topic) only after the transaction storing it committed;
 - a batch from a device that is not enrolled, or that names another device than its topic, is
   dropped whole: the topic is what the broker ACL vouches for;
-- `telemetry_devices.dropped` is the highest cumulative drop count a device reported, so
-  received + dropped accounts for every record a device ever made.
+- `telemetry_devices.received` counts stored records, and `dropped` the records the device made
+  that the fleet will never get, so received + dropped accounts for every record it made: with the
+  drop watermark W a batch carries (docs/protocol.md), dropped = W - (its stored seqs <= W) +
+  `dropped_unsequenced`. Every seq <= W reached the fleet or was dropped, so this is exact even for
+  records the device dropped after the fleet stored them (their acks lost in a partition). W and
+  `dropped_unsequenced` only grow (the highest reported), and `below_watermark` counts each stored
+  seq <= W once: when stored if W was already past it, else when W passes it. So replays and
+  reordering change nothing, and a late record that was dropped at the device but stored here
+  lowers `dropped` by one as it raises `received`;
+- a device whose agent predates the watermark (`drop_watermark` NULL) reports its cumulative drop
+  count, and `dropped` is the highest one reported (over-counting records dropped after the fleet
+  stored them).
 """
 
 from __future__ import annotations
@@ -28,6 +38,11 @@ def create_tables(db: sqlite_utils.Database) -> None:
     db.execute("create index if not exists telemetry_by_model on telemetry (model, version, kind, t)")
     db.execute("create table if not exists telemetry_devices (device text primary key, dropped integer not null default 0, "
                "received integer not null default 0)")
+    columns = db["telemetry_devices"].columns_dict
+    for column, definition in (("drop_watermark", "integer"), ("dropped_unsequenced", "integer not null default 0"),
+                               ("below_watermark", "integer not null default 0")):  # registries from before the watermark
+        if column not in columns:
+            db.execute(f"alter table telemetry_devices add column {column} {definition}")
 
 
 def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[int]]]:
@@ -40,14 +55,42 @@ def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]])
                 continue
             rows = [(device_id, r["seq"], r["kind"], r["t"], _text(r["body"].get("model")), _text(r["body"].get("version")),
                      json.dumps(r["body"], separators=(",", ":")), now) for r in batch["records"]]
-            before = db.conn.total_changes
-            db.conn.executemany("insert or ignore into telemetry values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            added = db.conn.total_changes - before
+            _store(db, device_id, batch, rows)
             stored.append((device_id, [r["seq"] for r in batch["records"]]))
-            db.execute("insert into telemetry_devices (device, dropped, received) values (?, ?, ?) on conflict (device) do "
-                       "update set dropped = max(dropped, excluded.dropped), received = received + excluded.received",
-                       [device_id, batch["dropped"], added])
     return stored
+
+
+def _store(db: sqlite_utils.Database, device_id: str, batch: dict[str, Any], rows: list[tuple]) -> None:
+    """Insert one batch's new rows and update the device's counters (see the module docstring)."""
+    dropped, watermark, unsequenced, below = db.execute(
+        "select dropped, drop_watermark, dropped_unsequenced, below_watermark from telemetry_devices where device = ?",
+        [device_id]).fetchone() or (0, None, 0, 0)
+    late = [row for row in rows if watermark is not None and row[1] <= watermark]
+    added_late = _insert(db, late)
+    added = added_late + _insert(db, [row for row in rows if watermark is None or row[1] > watermark])
+    if "drop_watermark" not in batch:  # an agent from before the watermark
+        if watermark is None:
+            dropped = max(dropped, batch["dropped"])
+    else:
+        below += added_late
+        if watermark is None or batch["drop_watermark"] > watermark:
+            passed = db.execute("select count(*) from telemetry where device = ? and seq > ? and seq <= ?",
+                                [device_id, watermark or 0, batch["drop_watermark"]]).fetchone()[0]
+            watermark, below = batch["drop_watermark"], below + passed
+        unsequenced = max(unsequenced, batch["dropped_unsequenced"])
+        dropped = watermark - below + unsequenced
+    db.execute("insert into telemetry_devices (device, received, dropped, drop_watermark, dropped_unsequenced, "
+               "below_watermark) values (?, ?, ?, ?, ?, ?) on conflict (device) do update set received = received + "
+               "excluded.received, dropped = excluded.dropped, drop_watermark = excluded.drop_watermark, "
+               "dropped_unsequenced = excluded.dropped_unsequenced, below_watermark = excluded.below_watermark",
+               [device_id, added, dropped, watermark, unsequenced, below])
+
+
+def _insert(db: sqlite_utils.Database, rows: list[tuple]) -> int:
+    """Insert the rows not stored yet; returns how many were new."""
+    before = db.conn.total_changes
+    db.conn.executemany("insert or ignore into telemetry values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return db.conn.total_changes - before
 
 
 def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:

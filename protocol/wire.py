@@ -31,9 +31,14 @@ MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
 MAX_TELEMETRY_PAYLOAD = 256 * 1024
 TELEMETRY_KINDS = ("inference", "metrics", "drift", "sample")
+MAX_COUNT = 2**53  # seqs and drop counters: exact as JSON numbers everywhere, and within SQLite's integers
 # What a device may fetch: TUF metadata and content-addressed targets, nothing else.
 FETCH_PATH = re.compile(r"^(metadata/([0-9]+\.)?(root|targets|snapshot|timestamp)\.json|targets/[0-9a-f]{64}\.[A-Za-z0-9._-]{1,200})$")
 TARGET_PATH = re.compile(r"^targets/(?P<sha256>[0-9a-f]{64})\.[A-Za-z0-9._-]{1,200}$")
+# In signed timestamp metadata: when the fleet signed it (UTC, "YYYY-MM-DDTHH:MM:SSZ"), a lower bound
+# on the time that devices keep as their time floor (agent/clock.py). TUF ignores fields it does not know.
+ISSUED_FIELD = "x-edgeops-issued"
+ISSUED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # Execution states of one device for one release (design.md, Fleet).
 STATES = ("queued", "downloading", "verifying", "installing", "self-test", "active",
@@ -87,25 +92,38 @@ def decode(payload: bytes, required: dict[str, type], limit: int = MAX_JSON_PAYL
     return message
 
 
-def telemetry_batch(device_id: str, records: list[tuple[int, str, float, str]], dropped: int) -> bytes:
-    """A batch of outbox records, (seq, kind, time, JSON body) each; bodies are spliced in as stored."""
+def telemetry_batch(device_id: str, records: list[tuple[int, str, float, str]], dropped: int,
+                    watermark: int | None = None, unsequenced: int = 0) -> bytes:
+    """A batch of outbox records, (seq, kind, time, JSON body) each; bodies are spliced in as stored.
+    With `watermark` (the highest seq the outbox ever dropped), the batch also carries it and
+    `unsequenced` (drops that never had a seq), from which the fleet counts drops exactly."""
     items = ",".join(f'{{"seq":{seq},"kind":{json.dumps(kind)},"t":{t!r},"body":{body}}}'
                      for seq, kind, t, body in records)
-    return f'{{"device":{json.dumps(device_id)},"dropped":{int(dropped)},"records":[{items}]}}'.encode()
+    drops = f'"dropped":{int(dropped)}'
+    if watermark is not None:
+        drops += f',"drop_watermark":{int(watermark)},"dropped_unsequenced":{int(unsequenced)}'
+    return f'{{"device":{json.dumps(device_id)},{drops},"records":[{items}]}}'.encode()
 
 
 def parse_telemetry(payload: bytes) -> dict[str, Any]:
     """A telemetry batch; WireError unless every record has a positive integer seq, a known kind, a
-    finite time and an object body."""
+    finite time and an object body, and the drop counters are integers >= 0 (`drop_watermark` and
+    `dropped_unsequenced` both or neither: agents before them send neither)."""
     message = decode(payload, {"device": str, "dropped": int, "records": list}, MAX_TELEMETRY_PAYLOAD)
-    if message["dropped"] < 0:
-        raise WireError("'dropped' must be >= 0")
+    if not 0 <= message["dropped"] <= MAX_COUNT:
+        raise WireError(f"'dropped' must be between 0 and {MAX_COUNT}")
+    if "drop_watermark" in message or "dropped_unsequenced" in message:
+        for field in ("drop_watermark", "dropped_unsequenced"):
+            value = message.get(field)
+            if type(value) is not int or not 0 <= value <= MAX_COUNT:
+                raise WireError(f"'{field}' must be an integer between 0 and {MAX_COUNT} "
+                                "('drop_watermark' and 'dropped_unsequenced' come together)")
     for record in message["records"]:
         if not isinstance(record, dict):
             raise WireError("each record must be an object")
         seq, t = record.get("seq"), record.get("t")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-            raise WireError("each record needs an integer seq >= 1")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_COUNT:
+            raise WireError(f"each record needs an integer seq between 1 and {MAX_COUNT}")
         if record.get("kind") not in TELEMETRY_KINDS:
             raise WireError(f"record kind must be one of {', '.join(TELEMETRY_KINDS)}")
         if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or abs(t) == float("inf"):

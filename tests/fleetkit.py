@@ -79,11 +79,12 @@ class Mosquitto:
             self.proc.wait(timeout=10)
 
 
-def secured_mosquitto(home: FleetHome, conf_dir: Path) -> Mosquitto:
-    """Mosquitto on the fleet's broker port with the generated passwd/acl/config, plus persistence.
+def secured_mosquitto(home: FleetHome, conf_dir: Path, ingest_workers: int = 0) -> Mosquitto:
+    """Mosquitto on the fleet's broker port with the generated passwd/acl/config (with logins for
+    `ingest_workers` ingest workers), plus persistence.
 
     Run again (write the files, then restart) after enrolling more devices."""
-    files = write_config(home, conf_dir, "127.0.0.1")
+    files = write_config(home, conf_dir, "127.0.0.1", ingest_workers)
     extra = ["persistence true", f"persistence_location {files['conf'].parent}/", f"log_dest file {conf_dir / 'broker.log'}",
              "log_type all"]
     if os.geteuid() == 0:  # as root Mosquitto switches to user `mosquitto`, who cannot read the 0600 passwd
