@@ -5,7 +5,8 @@ the whole surface; `edgeops.fleet.openapi.DOCUMENT` describes exactly it.
 
 Invariants:
 - Every answer is JSON. A bad request gets a 4xx `{"error": reason}`; an unexpected exception gets a
-  500 `{"error": ...}` and is logged with its traceback. No request stops the server.
+  500 `{"error": ...}` and is logged with its traceback. No request stops the server. A known method
+  on a path that does not serve it gets 405 with `Allow`; HEAD is GET without the body.
 - Reads (GET) are open: the dashboard, /metrics and the JSON views show the fleet read-only to
   anyone who can reach the API (it listens on 127.0.0.1 unless told otherwise). Every change
   (POST) needs `Authorization: Bearer <api_token>` (from fleet.json), checked before any request
@@ -20,7 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -41,11 +41,13 @@ from edgeops.fleet import drift, registry, rollout
 from edgeops.fleet.plan import PLAN_KEYS, Plan, make_plan
 from edgeops.fleet.openapi import DOCUMENT
 from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.wire import STATES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP = "127.0.0.1:8420"
 DEFAULT_MAX_BODY = 512 * 1024 * 1024
+SQLITE_MAX_INT = 2**63 - 1  # ids beyond it name nothing (and SQLite refuses to bind them)
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # a TUF target name; no path, no dot-file
 DRAIN_SECONDS = 5.0
 STOP_POLL_S = 0.1  # how soon stop() takes effect
@@ -67,6 +69,7 @@ class Route:
     action: str  # FleetApi method; called with the path parameters, plus `body` (bytes) when `body`
     auth: bool = False
     body: bool = False
+    body_optional: bool = False  # no body (or an empty one, of any type) is the same as `{}`
     query: tuple[str, ...] = ()  # query parameters passed on (None when absent)
 
     @property
@@ -78,14 +81,14 @@ ROUTES = (
     Route("GET", "/v1/health", "health"),
     Route("GET", "/v1/openapi.json", "openapi"),
     Route("GET", "/v1/status", "status"),
-    Route("GET", "/v1/devices", "devices"),
+    Route("GET", "/v1/devices", "devices", query=("limit", "after", "online", "state", "q")),
     Route("GET", "/v1/devices/{device_id}", "device"),
     Route("GET", "/v1/releases", "releases"),
     Route("POST", "/v1/releases", "push", auth=True, body=True),
     Route("GET", "/v1/rollouts", "rollouts"),
     Route("GET", "/v1/rollouts/{rollout_id}", "rollout"),
-    Route("POST", "/v1/rollouts/{rollout_id}/{action}", "act", auth=True, body=True),
-    Route("GET", "/v1/drift", "drift", query=("model",)),
+    Route("POST", "/v1/rollouts/{rollout_id}/{action}", "act", auth=True, body=True, body_optional=True),
+    Route("GET", "/v1/drift", "drift", query=("model", "devices")),
     Route("GET", "/v1/series", "series", query=("model", "bucket")),
     Route("GET", "/metrics", "metrics"),
     Route("GET", "/", "dashboard"),
@@ -127,8 +130,20 @@ class FleetApi:
     def status(self) -> tuple[int, Any]:
         return 200, self._read(registry.status)
 
-    def devices(self) -> tuple[int, Any]:
-        return 200, {"devices": self._read(registry.devices)}
+    def devices(self, limit: str | None, after: str | None, online: str | None, state: str | None,
+                q: str | None) -> tuple[int, Any]:
+        """One page of devices by id (keyset paging: `after` is the last id of the previous page)."""
+        if limit is not None and not (re.fullmatch(r"[0-9]{1,4}", limit) and 1 <= int(limit) <= registry.MAX_PAGE):
+            raise ApiError(400, f"limit must be a whole number from 1 to {registry.MAX_PAGE}")
+        if online not in (None, "true", "false"):
+            raise ApiError(400, "online must be true or false")
+        if state is not None and state not in (*STATES, "none"):
+            raise ApiError(400, f"state must be one of {', '.join(STATES)} or none (no report yet)")
+        if after is not None and len(after) > 200 or q is not None and len(q) > 200:
+            raise ApiError(400, "after and q must be at most 200 characters")
+        return 200, self._read(lambda db: registry.page(
+            db, after or "", int(limit or registry.DEFAULT_PAGE), None if online is None else online == "true", state,
+            tuple((q or "").split())))
 
     def device(self, device_id: str) -> tuple[int, Any]:
         found = self._read(registry.device_detail, device_id)
@@ -158,7 +173,7 @@ class FleetApi:
     def series(self, model: str | None, bucket: str | None) -> tuple[int, Any]:
         from edgeops.fleet.series import version_series
 
-        if bucket is not None and not (bucket.isdigit() and 1 <= int(bucket) <= 86400):
+        if bucket is not None and not (re.fullmatch(r"[0-9]{1,5}", bucket) and 1 <= int(bucket) <= 86400):
             raise ApiError(400, "bucket must be a whole number of seconds from 1 to 86400")
         return 200, self._read(version_series, model, int(bucket or 60))
 
@@ -179,9 +194,13 @@ class FleetApi:
     def releases(self) -> tuple[int, Any]:
         return 200, {"releases": self._read(registry.releases)}
 
-    def drift(self, model: str | None) -> tuple[int, Any]:
+    def drift(self, model: str | None, devices: str | None) -> tuple[int, Any]:
+        """The drift report; by default each version lists only its devices that drift (what an
+        operator acts on) and counts all per status, so the answer does not grow with calm devices."""
+        if devices not in (None, "drifting", "all"):
+            raise ApiError(400, "devices must be drifting (the default) or all")
         try:
-            return 200, self._read(drift.report, model)
+            return 200, self._read(drift.report, model, devices == "all")
         except EdgeopsError as exc:  # no drift telemetry from that model
             raise ApiError(404, str(exc)) from None
 
@@ -199,19 +218,29 @@ class FleetApi:
 
 
 def _rollout_id(text: str) -> int:
-    if not text.isdigit():
+    if not (re.fullmatch(r"[0-9]{1,19}", text) and int(text) <= SQLITE_MAX_INT):
         raise ApiError(404, f"no rollout {text!r}; rollout ids are numbers (GET /v1/rollouts lists them)")
     return int(text)
+
+
+def _json_body(body: bytes) -> Any:
+    """The request body as JSON; ApiError 400 for invalid JSON, including NaN and Infinity, which
+    Python's json accepts but JSON does not (they would come back out as invalid JSON)."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_reason(body: bytes) -> str:
     """The optional `{"reason": "..."}` of a rollout action; an empty body is no reason."""
     if not body.strip():
         return ""
-    try:
-        request = json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    request = _json_body(body)
     if not isinstance(request, dict) or set(request) - {"reason"} or not isinstance(request.get("reason", ""), str):
         raise ApiError(400, 'body must be {} or {"reason": "why, in a few words"}')
     return request.get("reason", "")[:300]
@@ -220,10 +249,7 @@ def parse_reason(body: bytes) -> str:
 def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str], Plan]:
     """The bundles (name, bytes), selector and rollout plan of a POST /v1/releases body; ApiError 400
     saying what is wrong."""
-    try:
-        request = json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    request = _json_body(body)
     if not isinstance(request, dict):
         raise ApiError(400, 'body must be a JSON object: {"bundles": [{"name": ..., "data": ...}], "select": {...}}')
     unknown = sorted(set(request) - {"bundles", "select", "plan"})
@@ -246,7 +272,7 @@ def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str], Pl
             raise ApiError(400, f"bundles[{i}].data must be a base64 string")
         try:
             bundles.append((name, base64.b64decode(data, validate=True)))
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or a character outside ASCII
             raise ApiError(400, f"bundles[{i}].data is not valid base64 ({exc})") from None
     names = [name for name, _ in bundles]
     if len(set(names)) != len(names):
@@ -260,7 +286,7 @@ def parse_push(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str], Pl
         raise ApiError(400, f"plan must be an object with some of {', '.join(PLAN_KEYS)} (docs/rollouts.md)")
     try:
         return bundles, selector, make_plan(**plan)
-    except (EdgeopsError, TypeError, AttributeError) as exc:
+    except (EdgeopsError, TypeError, AttributeError, ValueError) as exc:  # ValueError: int() of 4300+ digits
         raise ApiError(400, f"plan: {exc}") from None
 
 
@@ -282,14 +308,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, data, headers)
         self._drain()
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+    # Every method HTTP defines, so that one a path does not serve gets 405, not the base class's 501.
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_TRACE = do_CONNECT = do_QUERY = _dispatch
 
     def _route(self) -> tuple[int, Any]:
         path = urlsplit(self.path).path
         matches = [(route, m) for route in ROUTES if (m := route.pattern.fullmatch(path))]
         if not matches:
             raise ApiError(404, f"no such endpoint {path}; see /v1/openapi.json")
-        chosen = [(route, m) for route, m in matches if route.method == self.command]
+        method = "GET" if self.command == "HEAD" else self.command
+        chosen = [(route, m) for route, m in matches if route.method == method]
         if not chosen:
             allowed = ", ".join(sorted({route.method for route, _ in matches}))
             raise ApiError(405, f"{path} accepts {allowed}, not {self.command}", {"Allow": allowed})
@@ -298,9 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._authorize()
         kwargs: dict[str, Any] = {name: unquote(value) for name, value in match.groupdict().items()}
         if route.body:
-            kwargs["body"] = self._body()
+            kwargs["body"] = self._body(route.body_optional)
         if route.query:
-            given = parse_qs(urlsplit(self.path).query)
+            given = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
             kwargs |= {name: given[name][-1] if name in given else None for name in route.query}
         return getattr(self.server.api, route.action)(**kwargs)
 
@@ -313,11 +341,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(401, f"wrong token ({_TOKEN_HINT})",
                            {"WWW-Authenticate": 'Bearer realm="edgeops", error="invalid_token"'})
 
-    def _body(self) -> bytes:
+    def _body(self, optional: bool) -> bytes:
+        chunked = self.headers.get("Transfer-Encoding") is not None
+        if optional and not chunked and self._unread == 0:
+            return b""
         content_type = self.headers.get_content_type()
         if content_type != "application/json":
             raise ApiError(415, f"send the body as application/json, not {content_type}")
-        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
+        if chunked or self.headers.get("Content-Length") is None:
             raise ApiError(411, "send the body with a Content-Length (no chunked encoding)")
         length, limit = self._unread, self.server.api.max_body
         if length < 0:
@@ -357,7 +388,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in [*headers.items(), *raw.headers]:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The base class's answer to unparseable requests and unknown methods, as JSON, not HTML."""
@@ -370,10 +402,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _declared_length(value: str | None) -> int:
-    """Content-Length as an int: 0 when absent, -1 when not a non-negative integer."""
+    """Content-Length as an int: 0 when absent, -1 when not a non-negative integer of at most 18 digits
+    (more is past any limit, and int() refuses 4300 digits and up)."""
     if value is None:
         return 0
-    return int(value) if re.fullmatch(r"[0-9]+", value.strip()) else -1
+    return int(value) if re.fullmatch(r"[0-9]{1,18}", value.strip()) else -1
 
 
 class _HTTPServer(ThreadingHTTPServer):

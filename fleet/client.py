@@ -10,6 +10,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -65,9 +66,20 @@ def act(url: str, token: str | None, rollout_id: int, action: str, reason: str =
 
 
 def drift(url: str, token: str | None, model: str | None) -> dict[str, Any]:
-    """The drift report (GET /v1/drift), as `edgeops.fleet.drift.report` returns it."""
-    query = f"?{urlencode({'model': model})}" if model else ""
-    return _call(url, token, "GET", f"/v1/drift{query}", None, STATUS_TIMEOUT_S)
+    """The drift report with every device (GET /v1/drift?devices=all), as `edgeops.fleet.drift.report` returns it."""
+    query = urlencode({"devices": "all", **({"model": model} if model else {})})
+    return _call(url, token, "GET", f"/v1/drift?{query}", None, STATUS_TIMEOUT_S)
+
+
+def devices(url: str, token: str | None, page: int | None = None, **filters: str) -> Iterator[dict[str, Any]]:
+    """Every device matching `filters` (online, state, q: as GET /v1/devices takes them), by id,
+    fetched a page of `page` devices at a time (default: the server's) by following `next`."""
+    after: str | None = ""
+    while after is not None:
+        query = {**filters, **({"limit": str(page)} if page else {}), **({"after": after} if after else {})}
+        answer = _call(url, token, "GET", f"/v1/devices?{urlencode(query)}", None, STATUS_TIMEOUT_S)
+        yield from answer["devices"]
+        after = answer["next"]
 
 
 def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float) -> Any:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
+from edgeops.fleet import derived
 from edgeops.protocol.bundle import atomic_write, canonical_json, npz_bytes
 from edgeops.protocol.drift import ALPHA, PSI_FLOOR, decode_sample, window_test
 from edgeops.protocol.errors import EdgeopsError
@@ -115,6 +116,25 @@ class _Version:
     skipped: int = 0
     first_seen: float = float("inf")
     last_seen: float = float("-inf")
+    seqs: dict[str, int] = field(default_factory=dict)  # per device, the highest seq added
+
+    def freeze(self) -> dict[str, Any]:
+        """As JSON, to store and `thaw` later (fleet/derived.py)."""
+        return {"model": self.model, "version": self.version, "captured": self.captured, "skipped": self.skipped,
+                "first_seen": self.first_seen, "last_seen": self.last_seen, "seqs": self.seqs,
+                "baselines": {digest: [b.reference_counts, {k: c.tolist() for k, c in b.counts.items()}, b.windows,
+                                       b.samples] for digest, b in self.baselines.items()},
+                "devices": {name: [d.windows, d.alarmed, list(d.recent), d.drifted, d.last_seen]
+                            for name, d in self.devices.items()}}
+
+    @classmethod
+    def thaw(cls, data: dict[str, Any]) -> "_Version":
+        baselines = {digest: _Baseline(ref, {k: np.array(c, dtype=np.int64) for k, c in counts.items()}, windows, samples)
+                     for digest, (ref, counts, windows, samples) in data["baselines"].items()}
+        devices = {name: _Device(windows, alarmed, deque(recent, maxlen=RECENT), drifted, last_seen)
+                   for name, (windows, alarmed, recent, drifted, last_seen) in data["devices"].items()}
+        return cls(data["model"], data["version"], devices, baselines, data["captured"], data["skipped"],
+                   data["first_seen"], data["last_seen"], data["seqs"])
 
     def add(self, device: str, kind: str, t: float, body: Any) -> None:
         self.first_seen, self.last_seen = min(self.first_seen, t), max(self.last_seen, t)
@@ -178,41 +198,111 @@ def _load(text: str) -> Any:
         return None
 
 
-def _versions(db: sqlite_utils.Database, model: str | None) -> list[_Version]:
-    versions: dict[tuple[str, str], _Version] = {}
-    rows = _select(db, "device, kind, t, model, version, body", ("drift", "sample"), model)
-    for device, kind, t, name, version, text in rows:
+def _add_rows(versions: dict[tuple[str, str], _Version], rows: Iterator[tuple], strict: bool) -> bool:
+    """Add (device, seq, kind, t, model, version, body) rows, in (device, seq) order, to `versions`.
+    `strict` (adding to versions built from earlier rows): False, leaving `versions` half-changed, when
+    a row could have changed what the earlier rows gave (a seq at or below one already added for its
+    device and version, or a window disagreeing with its baseline's reference counts), so the caller
+    rebuilds from every row."""
+    for device, seq, kind, t, name, version, text in rows:
         entry = versions.setdefault((name, version), _Version(name, version))
-        entry.add(device, kind, float(t or 0.0), _load(text) if kind == "drift" else None)
-    return [versions[key] for key in sorted(versions)]
+        body = _load(text) if kind == "drift" else None
+        if strict and (seq <= entry.seqs.get(device, seq - 1) or (
+                isinstance(body, dict) and isinstance(body.get("reference"), str) and body["reference"] in entry.baselines
+                and body.get("reference_counts") != entry.baselines[body["reference"]].reference_counts)):
+            return False
+        entry.add(device, kind, float(t or 0.0), body)
+        entry.seqs[device] = seq
+    return True
+
+
+_ROWS = "device, seq, kind, t, model, version, body"
+
+
+def _fold(db: sqlite_utils.Database, previous: int | None, now: int) -> None:
+    """Bring the stored versions, report and flags up to date with the records up to rowid `now`
+    (fleet/derived.py): add the drift and sample records past `previous` to the stored versions, or
+    build them from every record (first use, or a record that could change what came before)."""
+    versions = None
+    if previous is not None:
+        rows = db.execute(f"SELECT {_ROWS} FROM telemetry WHERE rowid > ? AND rowid <= ? AND kind IN ('drift', 'sample') "
+                          "AND model IS NOT NULL AND version IS NOT NULL ORDER BY device, seq", [previous, now]).fetchall()
+        if not rows:
+            return
+        versions = {(v["model"], v["version"]): _Version.thaw(v) for v in derived.blob(db, "drift.state") or []}
+        if not _add_rows(versions, iter(rows), strict=True):
+            versions = None
+    if versions is None:
+        versions = {}
+        _add_rows(versions, _select(db, _ROWS, ("drift", "sample")), strict=False)
+    ordered = [versions[key] for key in sorted(versions)]
+    summaries = [v.summary() for v in ordered]
+    derived.put_blob(db, "drift.state", [v.freeze() for v in ordered])
+    derived.put_blob(db, "drift.report", summaries)
+    derived.put_blob(db, "drift.summary", [drifting_only(v) for v in summaries])
+    retraining: dict[str, list[tuple[str, str]]] = {}
+    for v in summaries:
+        retraining.setdefault(v["model"], []).extend(
+            (v["version"], name) for name, d in v["devices"].items() if d["status"] == RETRAIN)
+    derived.put_blob(db, "drift.flags", {"retraining": retraining, "flagged": [
+        {"model": v["model"], "version": v["version"], "last_seen": v["last_seen"], "top_features": v["top_features"],
+         "devices": [name for name, d in v["devices"].items() if d["status"] == RETRAIN]}
+        for v in summaries if v["status"] == RETRAIN]})
+
+
+def _stored(db: sqlite_utils.Database, name: str) -> Any:
+    """The blob `name` ("drift.report", "drift.summary" or "drift.flags") brought up to date; None
+    without a telemetry table."""
+    if "telemetry" not in db.table_names():
+        return None
+    derived.since(db, "drift", lambda previous, now: _fold(db, previous, now))
+    return derived.blob(db, name)
 
 
 def _unknown_model(db: sqlite_utils.Database, model: str) -> EdgeopsError:
-    names = [row[0] for row in _select(db, "DISTINCT model", ("drift", "sample"), tail="ORDER BY model")]
+    names = sorted((_stored(db, "drift.flags") or {"retraining": {}})["retraining"])
     return EdgeopsError(f"no drift telemetry from model {model!r} (models with drift telemetry: "
                         f"{', '.join(names) if names else 'none yet'})")
 
 
-def report(db: sqlite_utils.Database, model: str | None = None) -> dict[str, Any]:
+def report(db: sqlite_utils.Database, model: str | None = None, every_device: bool = True) -> dict[str, Any]:
     """Per model version: merged counts and test per baseline, each device's status, the version's status,
-    first/last seen times and the features that drift most (by PSI); all models when `model` is None."""
-    versions = [v.summary() for v in _versions(db, model)]
+    first/last seen times and the features that drift most (by PSI); all models when `model` is None.
+    Kept up to date in the registry from the records added since (fleet/derived.py), not recomputed.
+    `every_device` False: each version as `drifting_only` gives it, from its own kept copy, so reading
+    it costs what the devices that drift weigh, not the fleet."""
+    stored = _stored(db, "drift.report" if every_device else "drift.summary")
+    if stored is None and not every_device:  # kept by an edgeops from before the summary
+        stored = [drifting_only(v) for v in _stored(db, "drift.report") or []]
+    versions = [v for v in stored or [] if model is None or v["model"] == model]
     if model is not None and not versions:
         raise _unknown_model(db, model)
     return {"alpha": ALPHA, "psi_floor": PSI_FLOOR, "persistence": f"{PERSISTENT} of the last {RECENT} windows",
             "versions": versions}
 
 
+def drifting_only(version: dict[str, Any]) -> dict[str, Any]:
+    """A version of `report()` listing only its devices whose status is not ok, with `device_statuses`
+    counting all of them per status: its size follows the devices that drift, not the fleet."""
+    statuses = Counter(d["status"] for d in version["devices"].values())
+    return {**version, "devices": {name: d for name, d in version["devices"].items() if d["status"] != OK},
+            "device_statuses": dict(sorted(statuses.items()))}
+
+
 def flagged(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     """Model versions whose status is "retraining recommended", with the devices whose drift persists:
     what the fleet's on-drift hook acts on."""
-    out = []
-    for version in report(db)["versions"]:
-        if version["status"] == RETRAIN:
-            devices = [name for name, d in version["devices"].items() if d["status"] == RETRAIN]
-            out.append({"model": version["model"], "version": version["version"], "devices": devices,
-                        "last_seen": version["last_seen"], "top_features": version["top_features"]})
-    return out
+    stored = _stored(db, "drift.flags")
+    return [] if stored is None else stored["flagged"]
+
+
+def retraining(db: sqlite_utils.Database, model: str) -> set[tuple[str, str]] | None:
+    """(version, device) pairs of `model` whose drift persists ("retraining recommended"), for the
+    rollout engine's drift gate; None without drift telemetry from the model."""
+    stored = _stored(db, "drift.flags")
+    if stored is None or model not in stored["retraining"]:
+        return None
+    return {(version, device) for version, device in stored["retraining"][model]}
 
 
 def _newest_with_samples(db: sqlite_utils.Database, model: str) -> str | None:
@@ -257,7 +347,7 @@ def export(db: sqlite_utils.Database, model: str, version: str | None, outdir: P
         raise EdgeopsError(f"no usable captured samples from model {model!r}"
                            f"{'' if version is None else f' version {version!r}'}: enable sample capture on its "
                            "devices and export again after they have reported")
-    summary = next(v.summary() for v in _versions(db, model) if v.version == version)
+    summary = next(v for v in report(db, model)["versions"] if v["version"] == version)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write(outdir / "samples.npz", npz_bytes(arrays))

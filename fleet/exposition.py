@@ -17,7 +17,8 @@ Invariants: each render uses a private CollectorRegistry, so nothing leaks into 
 global one and two renders never share state; the two telemetry counters only grow (stored records are
 never deleted, and a device's drop count is its highest report), so rate() over them is an ingest rate;
 every state series is present (0 when empty), so a series never vanishes when its count drops to 0;
-rollouts and drift flags come from registry.status(), computed once per scrape, as `edgeops status` shows them.
+device counts, rollouts and drift flags are what `edgeops status` shows (registry.device_counts,
+rollout.summaries, drift.flagged), read once per scrape.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sqlite_utils
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edgeops.fleet import drift, registry
+from edgeops.fleet import drift, registry, rollout
 from edgeops.fleet.rollout import ROLLOUT_STATES
 from edgeops.protocol.wire import STATES
 
@@ -43,18 +44,17 @@ class FleetCollector:
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        data = registry.status(self.db)
-        devices = data["devices"]
-        yield GaugeMetricFamily("edgeops_devices_enrolled", "Devices enrolled.", value=len(devices))
+        counts = registry.device_counts(self.db)
+        yield GaugeMetricFamily("edgeops_devices_enrolled", "Devices enrolled.", value=counts["total"])
         yield GaugeMetricFamily("edgeops_devices_online", "Devices whose last report said they are online.",
-                                value=sum(1 for d in devices if d["online"]))
-        states = Counter(d["execution"]["state"] if d.get("execution") else "none" for d in devices)
+                                value=counts["online"])
+        states = Counter(counts["states"])
         by_state = GaugeMetricFamily("edgeops_devices", "Devices by the state of their latest execution.",
                                      labels=["state"])
         for state in ("none", *STATES):
             by_state.add_metric([state], states[state])
         yield by_state
-        yield from self._rollouts(data.get("rollouts", []))
+        yield from self._rollouts(rollout.summaries(self.db))
         received, dropped = self.db.execute(
             "select coalesce(sum(received), 0), coalesce(sum(dropped), 0) from telemetry_devices").fetchone()
         yield CounterMetricFamily("edgeops_telemetry_records", "Telemetry records stored.", value=received)
@@ -62,8 +62,8 @@ class FleetCollector:
                                   value=dropped)
         flagged = GaugeMetricFamily("edgeops_drift_flagged", "1 when the model version's drift calls for retraining.",
                                     labels=["model", "version"])
-        for version in data.get("drift", []):
-            flagged.add_metric([version["model"], version["version"]], int(version["status"] == drift.RETRAIN))
+        for version in drift.flagged(self.db):
+            flagged.add_metric([version["model"], version["version"]], 1)
         yield flagged
 
     @staticmethod
@@ -74,14 +74,14 @@ class FleetCollector:
                                     labels=[*_ROLLOUT_LABELS, "state"])
         state = GaugeMetricFamily("edgeops_rollout_state", "1 for the state the rollout is in, 0 for the others.",
                                   labels=[*_ROLLOUT_LABELS, "state"])
-        for rollout in rollouts:
-            labels = [str(rollout["id"]), rollout["model"], rollout["version"]]
-            stage.add_metric(labels, rollout["stage"])
-            counts = rollout.get("counts", {})
+        for each in rollouts:
+            labels = [str(each["id"]), each["model"], each["version"]]
+            stage.add_metric(labels, each["stage"])
+            counts = each.get("counts", {})
             for name in STATES:
                 devices.add_metric([*labels, name], counts.get(name, 0))
             for name in ROLLOUT_STATES:
-                state.add_metric([*labels, name], int(rollout["state"] == name))
+                state.add_metric([*labels, name], int(each["state"] == name))
         yield from (stage, devices, state)
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from edgeops import __version__
+from edgeops.fleet.plan import IN_FLIGHT
+from edgeops.fleet.registry import DEFAULT_PAGE, LISTED, MAX_PAGE
 from edgeops.protocol.wire import STATES
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}, "examples": [{"site": "lab"}]}
+_DURATION = {"type": ["string", "number"], "minimum": 0, "description": "Seconds, or e.g. 30s, 10m, 2h.",
+             "examples": ["10m", 90]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -72,6 +76,8 @@ _SCHEMAS: dict[str, Any] = {
         "telemetry": {"anyOf": [_ref("DeviceTelemetry"), {"type": "null"}],
                       "description": "What the device's telemetry says; null before any arrived."},
         "desired_release": {"type": ["integer", "null"], "description": "The release the rollout engine chose for it."},
+        "clock": {**_NULLABLE_STRING, "description": "Why the device's wall clock is wrong (behind or ahead of the "
+                                                     "time its signed metadata vouches for); null while it is right."},
     }),
     "Stage": _object({
         "label": {"type": "string", "examples": ["1dev", "10%"]},
@@ -158,15 +164,31 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "select": {**_LABELS, "description": "Only devices with these labels; default: every device."},
-            "plan": {"type": "object", "description": "Rollout plan settings, as in a plan file (docs/rollouts.md): "
-                                                      "stages, bake, min_calls, abort, on_failure, deadline, gates, deadlines.",
-                     "examples": [{"stages": "1dev,10%,100%", "bake": "10m", "abort": "failed>5%,min=5"}]},
+            "plan": {"type": "object", "additionalProperties": False,
+                     "description": "Rollout plan settings, as in a plan file (docs/rollouts.md).",
+                     "examples": [{"stages": "1dev,10%,100%", "bake": "10m", "abort": "failed>5%,min=5"}],
+                     "properties": {
+                         "stages": {"type": ["string", "array"], "items": {"type": ["string", "number"]},
+                                    "examples": ["1dev,10%,100%", ["1dev", "100%"]]},
+                         "bake": _DURATION, "deadline": _DURATION,
+                         "min_calls": {"type": "integer", "minimum": 0},
+                         "abort": {"type": "string", "examples": ["failed>5%,min=5"]},
+                         "on_failure": {"enum": ["rollback", "pause"]},
+                         "gates": {"type": "object", "additionalProperties": False, "properties": {
+                             "max_error_increase": {"type": "number", "minimum": 0},
+                             "max_latency_ratio": {"type": "number", "minimum": 0},
+                             "latency_slack_ms": {"type": "number", "minimum": 0},
+                             "drift": {"type": "boolean"}}},
+                         "deadlines": {"type": "object", "additionalProperties": False,
+                                       "properties": {state: _DURATION for state in IN_FLIGHT}},
+                     }},
         },
     },
 }
 _SCHEMAS["RolloutDetail"] = _object({**_SCHEMAS["Rollout"]["properties"],
                                      "decisions": {"type": "array", "items": _ref("Decision")}})
-_ROLLOUT_ID = [{"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+_ROLLOUT_ID = [{"name": "rollout_id", "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}]
 _SCHEMAS["DeviceDetail"] = _object({
     **_SCHEMAS["Device"]["properties"],
     "desired": {"anyOf": [_ref("DesiredRelease"), {"type": "null"}],
@@ -192,7 +214,14 @@ DOCUMENT: dict[str, Any] = {
         "/v1/health": _read("Liveness.", "The server is up.", _ref("Health")),
         "/v1/openapi.json": _read("This document.", "OpenAPI 3.1 document.", {"type": "object"}),
         "/v1/status": _read("Everything `edgeops status --json` prints.", "Fleet status.",
-                            _object({"devices": {"type": "array", "items": _ref("Device")},
+                            _object({"devices": {"type": "array", "items": _ref("Device"), "description": (
+                                         f"Every device up to {LISTED} of them; past that, those that need "
+                                         "attention (GET /v1/devices pages through them all).")},
+                                     "device_counts": _object({
+                                         "total": {"type": "integer"}, "online": {"type": "integer"},
+                                         "states": {"type": "object", "additionalProperties": {"type": "integer"},
+                                                    "description": "Devices per state of their latest execution "
+                                                                   "(none: no report yet)."}}),
                                      "releases": {"type": "array", "items": _ref("Release")},
                                      "rollouts": {"type": "array", "items": _ref("Rollout"), "description": "Newest first."},
                                      "decisions": {"type": "array", "items": _ref("Decision"),
@@ -236,8 +265,27 @@ DOCUMENT: dict[str, Any] = {
         "/": _file("The dashboard.", "text/html", "The dashboard's page."),
         "/ui/{name}": {"parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                        **_file("The dashboard's scripts and styles.", "application/octet-stream", "A dashboard file.")},
-        "/v1/devices": _read("Every device with its latest execution.", "Devices by id.",
-                             _object({"devices": {"type": "array", "items": _ref("Device")}})),
+        "/v1/devices": {
+            "parameters": [
+                {"name": "limit", "in": "query", "required": False, "description": "Devices per page.",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}},
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
+                 "description": "Start after this device id: the `next` of the previous page."},
+                {"name": "online", "in": "query", "required": False, "schema": {"enum": ["true", "false"]},
+                 "description": "Only devices online (true) or offline (false)."},
+                {"name": "state", "in": "query", "required": False, "schema": {"enum": [*STATES, "none"]},
+                 "description": "Only devices whose latest execution is in this state (none: no report yet)."},
+                {"name": "q", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200},
+                 "description": "Words separated by spaces, each a case-insensitive substring of the device's id, "
+                                "profile, a label as key=value, its latest execution's state or installed version."}],
+            **_read("Devices with their latest execution, a page at a time, by id.",
+                    "A page of devices. Follow `next` as `after` until it is null for all of them.",
+                    _object({"devices": {"type": "array", "items": _ref("Device")},
+                             "next": {**_NULLABLE_STRING, "description": "The id to pass as `after` for the "
+                                                                         "next page; null on the last page."},
+                             "total": {"type": "integer", "description": "Devices matching the filters, in all pages."}}),
+                    **{"400": _error("Bad limit, online, state, or a too long after or q.")}),
+        },
         "/v1/devices/{device_id}": {
             "parameters": [{"name": "device_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             **_read("One device, with the release it should run.", "The device.", _ref("DeviceDetail"),
@@ -245,14 +293,19 @@ DOCUMENT: dict[str, Any] = {
         },
         "/v1/drift": {
             "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
-                            "description": "Only this model; default: every model with drift telemetry."}],
-            **_read("Drift per model version, merged over devices, as `edgeops drift report --json` prints it.",
+                            "description": "Only this model; default: every model with drift telemetry."},
+                           {"name": "devices", "in": "query", "required": False,
+                            "schema": {"enum": ["drifting", "all"], "default": "drifting"},
+                            "description": "drifting: each version lists only its devices whose status is not ok, "
+                                           "and `device_statuses` counts all its devices per status; all: every "
+                                           "device, exactly as `edgeops drift report --json` prints it."}],
+            **_read("Drift per model version, merged over devices.",
                     "The drift report (fields: docs/drift.md).",
                     {"type": "object", "required": ["alpha", "psi_floor", "persistence", "versions"],
                      "properties": {"alpha": {"type": "number"}, "psi_floor": {"type": "number"},
                                     "persistence": {"type": "string"},
                                     "versions": {"type": "array", "items": {"type": "object"}}}},
-                    **{"404": _error("No drift telemetry from that model.")}),
+                    **{"400": _error("Bad devices."), "404": _error("No drift telemetry from that model.")}),
         },
         "/v1/releases": {
             **_read("Every release, oldest first.", "Releases.",

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
-from edgeops.fleet import rollout, telemetry
+from edgeops.fleet import derived, rollout, telemetry
 from edgeops.fleet.sql import transaction
 from edgeops.fleet.plan import Plan
 from edgeops.protocol.errors import EdgeopsError
@@ -42,6 +42,10 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     for column in ("desired_release", "desired_seq"):  # registries made before rollouts existed
         if column not in db["devices"].columns_dict:
             db["devices"].add_column(column, int)
+    # max(desired_seq): `generation()` several times a second in the server, and each engine assignment
+    db.execute("create index if not exists devices_by_desired_seq on devices (desired_seq)")
+    if "clock" not in db["devices"].columns_dict:  # a wrong wall clock the device reports (agent/clock.py)
+        db["devices"].add_column("clock", str)
     db["releases"].create(
         {"id": int, "model": str, "version": str, "selector": str, "created_at": float},
         pk="id", if_not_exists=True,
@@ -58,6 +62,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     )
     rollout.create_tables(db)
     telemetry.create_tables(db)
+    derived.create_tables(db)
     return db
 
 
@@ -157,8 +162,9 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
             installed = state.get("installed") if isinstance(state.get("installed"), dict) else {}
             known = db.execute(
                 "update devices set last_seen = ?, online = 1, installed_model = ?, installed_version = ?, "
-                "installed_target = ?, slot = ? where id = ?",
-                [now, *(_text(installed.get(k)) for k in ("model", "version", "target", "slot")), device_id],
+                "installed_target = ?, slot = ?, clock = ? where id = ?",
+                [now, *(_text(installed.get(k)) for k in ("model", "version", "target", "slot")),
+                 _clock(state.get("clock")), device_id],
             ).rowcount
             execution = state.get("execution")
             if known and isinstance(execution, dict) and execution.get("state") in STATES \
@@ -173,6 +179,13 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
                 )
 
 
+def _clock(report: Any) -> str | None:
+    """A device's report that its wall clock is wrong, as "status: reason"; None while it is right."""
+    if not isinstance(report, dict) or not report.get("status"):
+        return None
+    return f"{_text(report['status'])}: {str(report.get('reason') or '')[:400]}"
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)[:200]
 
@@ -182,12 +195,88 @@ def _with_execution(db: sqlite_utils.Database, dev: dict[str, Any]) -> dict[str,
     return {**dev, "execution": latest[0] if latest else None}
 
 
-def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every device, by id, with its latest execution (None before its first report) and a summary
-    of its telemetry (None before any arrived)."""
-    summaries = telemetry.device_summaries(db)
-    return [{**_with_execution(db, _device_row(row)), "telemetry": summaries.get(row["id"])}
-            for row in db["devices"].rows_where(order_by="id")]
+_EXECUTION = ("release_id", "state", "reason", "updated_at")
+_TELEMETRY = ("received", "dropped", "inferences", "errors", "p95_ms", "metrics")
+_LATEST = ("left join executions e on e.device = d.id "
+           "and e.release_id = (select max(release_id) from executions where device = d.id)")
+_DEVICES = (f"select d.*, {', '.join(f'e.{c}' for c in _EXECUTION)}, t.received, t.dropped, "
+            f"coalesce(s.inferences, 0), coalesce(s.errors, 0), s.p95_ms, s.metrics from devices d {_LATEST} "
+            "left join telemetry_devices t on t.device = d.id left join device_telemetry s on s.device = d.id "
+            "where {where} order by d.id")
+# rollout.attention's rule in SQL: the latest execution failed, or offline while behind its desired release
+_NEEDS_ATTENTION = (f"e.state in ({', '.join(repr(s) for s in rollout.FAILED)}) or (coalesce(d.online, 0) = 0 "
+                    "and d.desired_release and (e.state is null or e.state != 'active' or e.release_id != d.desired_release)) "
+                    "or d.clock is not null")
+DEFAULT_PAGE, MAX_PAGE = 100, 1000  # devices per page of `page()` (GET /v1/devices)
+LISTED = 50  # past this many devices, `status` lists only those that need attention, and counts the others
+
+
+def devices(db: sqlite_utils.Database, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every device (or those in `only`), by id, with its latest execution (None before its first
+    report) and a summary of its telemetry (None before any arrived) as `telemetry.device_summaries`
+    computes it: one query, the summaries brought up to date from the records added since (fleet/derived.py)."""
+    if only is None:
+        derived.refresh_devices(db)
+    else:
+        derived.refresh_listed(db, only)
+    cursor = db.execute(_DEVICES.format(where="1" if only is None else "d.id in (select value from json_each(?))"),
+                        [] if only is None else [json.dumps(only)])
+    width = len(cursor.description) - len(_EXECUTION) - len(_TELEMETRY)
+    names = [c[0] for c in cursor.description[:width]]
+    found = []
+    for row in cursor:
+        execution, summary = row[width:width + len(_EXECUTION)], row[width + len(_EXECUTION):]
+        dev = _device_row(dict(zip(names, row[:width])))
+        dev["execution"] = None if execution[0] is None else {"device": dev["id"], **dict(zip(_EXECUTION, execution))}
+        if summary[0] is None:
+            dev["telemetry"] = None
+        else:
+            dev["telemetry"] = dict(zip(_TELEMETRY, summary))
+            dev["telemetry"]["metrics"] = None if summary[-1] is None else json.loads(summary[-1])
+        found.append(dev)
+    return found
+
+
+def page(db: sqlite_utils.Database, after: str = "", limit: int = DEFAULT_PAGE, online: bool | None = None,
+         state: str | None = None, terms: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Up to `limit` devices as `devices()` gives them, the first ids past `after` matching the filters
+    (online; `state` of the latest execution, "none" before the first report; every term a substring of
+    id, profile, a label k=v, the state or installed version), with `next` (the id to pass as `after`
+    for the following page; None on the last) and `total` (how many match). Keyset paging on the
+    primary key: a page reads `limit` devices, whatever the fleet's size, besides one count."""
+    where, params = ["1"], []
+    if online is not None:
+        where.append(f"coalesce(d.online, 0) {'!=' if online else '='} 0")
+    if state is not None:
+        where.append("coalesce(e.state, 'none') = ?")
+        params.append(state)
+    for term in terms:
+        where.append(f"instr(lower({_SEARCH}), ?) > 0")
+        params.append(term.lower())
+    base = f"from devices d {_LATEST if state is not None or terms else ''} where {' and '.join(where)}"
+    ids = [row[0] for row in db.execute(f"select d.id {base} and d.id > ? order by d.id limit ?", [*params, after, limit + 1])]
+    total = db.execute(f"select count(*) {base}", params).fetchone()[0]
+    return {"devices": devices(db, ids[:limit]), "next": ids[limit - 1] if len(ids) > limit else None, "total": total}
+
+
+# what a dashboard filter term matches: id, profile, labels as k=v, latest execution state, installed version
+_SEARCH = ("d.id || ' ' || d.profile || ' ' || coalesce((select group_concat(key || '=' || value, ' ') "
+           "from json_each(d.labels)), '') || ' ' || coalesce(e.state, '') || ' ' || coalesce(d.installed_version, '')")
+
+
+def _census(db: sqlite_utils.Database) -> tuple[dict[str, Any], list[str]]:
+    """`device_counts`, and the ids of the devices that need attention, in one pass over the devices."""
+    rows = db.execute(f"select coalesce(e.state, 'none'), count(*), sum(coalesce(d.online, 0) != 0), "
+                      f"group_concat(case when {_NEEDS_ATTENTION} then d.id end) from devices d {_LATEST} "
+                      "group by 1 order by 1").fetchall()
+    counts = {"total": sum(row[1] for row in rows), "online": sum(row[2] for row in rows),
+              "states": {state: n for state, n, _, _ in rows}}
+    return counts, sorted(device for row in rows if row[3] for device in row[3].split(","))  # ids hold no ','
+
+
+def device_counts(db: sqlite_utils.Database) -> dict[str, Any]:
+    """Devices enrolled, online, and per state of their latest execution ("none" before their first report)."""
+    return _census(db)[0]
 
 
 def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
@@ -201,10 +290,13 @@ def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] |
 
 def releases(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     """Every release, oldest first, with its selector and one target per profile."""
+    targets: dict[int, list[dict[str, Any]]] = {}
+    for target in db["release_targets"].rows_where(order_by="release_id, profile"):
+        targets.setdefault(target["release_id"], []).append(target)
     found = []
     for row in db["releases"].rows_where(order_by="id"):
         row["selector"] = json.loads(row["selector"])
-        row["targets"] = list(db["release_targets"].rows_where("release_id = ?", [row["id"]], order_by="profile"))
+        row["targets"] = targets.get(row["id"], [])
         found.append(row)
     return found
 
@@ -215,12 +307,15 @@ def history(db: sqlite_utils.Database, device_id: str) -> list[dict[str, Any]]:
 
 
 def status(db: sqlite_utils.Database) -> dict[str, Any]:
-    """What `edgeops status` shows: devices with their latest execution, releases, rollouts with their
-    progress and gates, the engine's latest decisions, devices that need attention, drift flags."""
+    """What `edgeops status` shows: devices with their latest execution (every one up to LISTED
+    devices; past that, those that need attention: `devices()` lists them all), counts of every
+    device, releases, rollouts with their progress and gates, the engine's latest decisions, devices
+    that need attention, drift flags. Costs the same for 50 devices or 100,000 with few in trouble."""
     from edgeops.fleet import drift
 
-    all_devices = devices(db)
-    return {"devices": all_devices, "releases": releases(db), "rollouts": rollout.summaries(db),
-            "decisions": rollout.decisions(db), "attention": rollout.attention(db, all_devices),
+    counts, needy = _census(db)
+    listed = devices(db) if counts["total"] <= LISTED else devices(db, needy)
+    return {"devices": listed, "device_counts": counts, "releases": releases(db), "rollouts": rollout.summaries(db),
+            "decisions": rollout.decisions(db), "attention": rollout.attention(db, listed),
             "drift": [{"model": f["model"], "version": f["version"], "status": "retraining recommended",
                        "devices": f["devices"]} for f in drift.flagged(db)]}

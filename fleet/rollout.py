@@ -20,15 +20,19 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, Callable
 
 import numpy as np
 import sqlite_utils
 
+from edgeops.fleet import derived
 from edgeops.fleet.plan import IN_FLIGHT, Plan
 from edgeops.fleet.sql import transaction
 from edgeops.protocol.errors import EdgeopsError
@@ -42,7 +46,6 @@ FAILED = ("failed", "rejected", "timed-out")
 SETTLED = ("active", *FAILED)
 ACTIONS = ("pause", "resume", "abort", "rollback")
 BASELINE_S = 7 * 86400  # how far back the previous version's telemetry counts as its baseline
-RETRAIN = "retraining recommended"
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
@@ -52,6 +55,8 @@ def create_tables(db: sqlite_utils.Database) -> None:
     db.execute("create table if not exists decisions (id integer primary key, rollout integer not null, t real not null, "
                "actor text not null, action text not null, reason text not null)")
     db.execute("create index if not exists decisions_by_rollout on decisions (rollout, id)")
+    db.execute("create index if not exists executions_by_release on executions (release_id, state, device)")
+    db.execute("create index if not exists devices_by_labels on devices (profile, labels)")  # _Fleet's groups
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -71,7 +76,7 @@ class _Rollout:
     updated_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Device:
     id: str
     profile: str
@@ -98,9 +103,33 @@ def _rollouts(db: sqlite_utils.Database, where: str = "1", args: list | None = N
                      Plan.from_dict(json.loads(row[5])), *row[6:10]) for row in rows]
 
 
-def _devices(db: sqlite_utils.Database) -> list[_Device]:
-    return [_Device(row[0], row[1], json.loads(row[2]), bool(row[3]), row[4]) for row in
-            db.execute("select id, profile, labels, online, desired_release from devices order by id")]
+class _Fleet:
+    """The devices rollouts draw from, read at most once per engine round or view, and only as far as
+    asked: counting a rollout's targeted devices needs one row per (profile, labels) group, not one
+    per device; the devices themselves are read only when one may be assigned."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        self._labels: dict[str, dict[str, str]] = {}  # devices share a few label sets: parse each once (read-only)
+
+    def _parse(self, text: str) -> dict[str, str]:
+        return self._labels.get(text) or self._labels.setdefault(text, json.loads(text))
+
+    @cached_property
+    def devices(self) -> list[_Device]:
+        return [_Device(row[0], row[1], self._parse(row[2]), bool(row[3]), row[4]) for row in
+                self.db.execute("select id, profile, labels, online, desired_release from devices order by id")]
+
+    @cached_property
+    def _groups(self) -> list[tuple[str, dict[str, str], int]]:
+        return [(profile, self._parse(labels), n) for profile, labels, n in
+                self.db.execute("select profile, labels, count(*) from devices group by profile, labels")]
+
+    def targeted(self, r: _Rollout) -> list[_Device]:
+        return [d for d in self.devices if d.profile in r.profiles and (not r.selector or _matches(r.selector, d.labels))]
+
+    def count_targeted(self, r: _Rollout) -> int:
+        return sum(n for profile, labels, n in self._groups if profile in r.profiles and _matches(r.selector, labels))
 
 
 def _get(db: sqlite_utils.Database, rollout_id: int) -> _Rollout:
@@ -215,14 +244,14 @@ def tick(db: sqlite_utils.Database, now: float | None = None) -> None:
     now = time.time() if now is None else now
     with transaction(db):
         _time_out(db, now)
-        devices = _devices(db)
+        fleet = _Fleet(db)
         live = _rollouts(db, "o.state in ('running', 'completed')")
         for r in live:  # newest first: a device joins the newest rollout that has room for it
-            _assign(db, r, devices, now)
+            _assign(db, r, fleet, now)
         memo: dict[str, Any] = {}
         for r in live:
             if r.state == "running":
-                _evaluate(db, r, devices, now, memo)
+                _evaluate(db, r, fleet, now, memo)
 
 
 def _time_out(db: sqlite_utils.Database, now: float) -> None:
@@ -247,43 +276,68 @@ def _time_out(db: sqlite_utils.Database, now: float) -> None:
 
 @dataclass
 class _View:
-    """A rollout's devices right now: what the engine decides on and what operators see."""
+    """A rollout's devices right now: what the engine decides on and what operators see. Counts come
+    from one grouped query; the device lists are read only when asked (closed rollouts never need them)."""
 
-    targeted: list[_Device]
-    executions: dict[str, str]  # device -> state, cancelled ones included
+    n_targeted: int
+    states: Counter[str]  # executions per state, cancelled ones included
     quota: int
-    eligible: list[_Device]  # targeted, not assigned yet, online, not on a newer release
+    find_executions: Callable[[], dict[str, str]]
+    find_eligible: Callable[[], list[_Device]]
+
+    @cached_property
+    def executions(self) -> dict[str, str]:
+        """Device -> state, cancelled ones included."""
+        return self.find_executions()
+
+    @cached_property
+    def eligible(self) -> list[_Device]:
+        """Targeted, not assigned yet, online, not on a newer release; profiles interleaved."""
+        return self.find_eligible()
+
+    @cached_property
+    def active(self) -> list[str]:
+        return [d for d, s in self.executions.items() if s == "active"]
 
     @property
-    def assigned(self) -> list[str]:
+    def assigned(self) -> int:
         """Devices on or moving to this release: not cancelled, not rolled back."""
-        return [d for d, s in self.executions.items() if s not in ("cancelled", "rolled-back")]
+        return sum(self.states.values()) - self.states["cancelled"] - self.states["rolled-back"]
 
     def count(self, states: tuple[str, ...]) -> int:
-        return sum(1 for s in self.executions.values() if s in states)
+        return sum(self.states[s] for s in states)
 
 
-def _inspect(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device]) -> _View:
-    targeted = [d for d in devices if d.profile in r.profiles and _matches(r.selector, d.labels)]
-    executions = dict(db.execute("select device, state from executions where release_id = ?", [r.id]).fetchall())
-    quota = len(targeted) if r.state == "completed" else r.plan.stages[min(r.stage, len(r.plan.stages) - 1)].quota(len(targeted))
-    # a device that took part in a newer rollout of this model (even one rolled back) never moves back here
-    newer = {row[0] for row in db.execute("select distinct e.device from executions e join rollouts o on o.id = e.release_id "
-                                          "where o.model = ? and o.id > ?", [r.model, r.id])}
-    eligible = [d for d in targeted if d.id not in executions and d.id not in newer and d.online
-                and (d.desired_release is None or d.desired_release < r.id)]
-    rank: dict[str, int] = {}
-    keys = []
-    for d in eligible:  # interleave profiles, so the first stages cover every board the release has a bundle for
-        rank[d.profile] = rank.get(d.profile, -1) + 1
-        keys.append((rank[d.profile], d.profile, d.id))
-    order = [d for _, d in sorted(zip(keys, eligible), key=lambda pair: pair[0])]
-    return _View(targeted, executions, quota, order)
+def _inspect(db: sqlite_utils.Database, r: _Rollout, fleet: _Fleet) -> _View:
+    n_targeted = fleet.count_targeted(r)
+    states = Counter(dict(db.execute("select state, count(*) from executions where release_id = ? group by state",
+                                     [r.id]).fetchall()))
+    quota = n_targeted if r.state == "completed" else r.plan.stages[min(r.stage, len(r.plan.stages) - 1)].quota(n_targeted)
+
+    def executions() -> dict[str, str]:
+        return dict(db.execute("select device, state from executions where release_id = ?", [r.id]).fetchall())
+
+    def eligible() -> list[_Device]:
+        # a device that took part in a newer rollout of this model (even one rolled back) never moves back here
+        newer = {row[0] for row in db.execute("select distinct e.device from executions e join rollouts o on o.id = e.release_id "
+                                              "where o.model = ? and o.id > ?", [r.model, r.id])}
+        found = [d for d in fleet.targeted(r) if d.id not in view.executions and d.id not in newer and d.online
+                 and (d.desired_release is None or d.desired_release < r.id)]
+        rank: dict[str, int] = {}
+        keys = []
+        for d in found:  # interleave profiles, so the first stages cover every board the release has a bundle for
+            rank[d.profile] = rank.get(d.profile, -1) + 1
+            keys.append((rank[d.profile], d.profile, d.id))
+        return [d for _, d in sorted(zip(keys, found), key=lambda pair: pair[0])]
+
+    view = _View(n_targeted, states, quota, executions, eligible)  # (eligible reads view.executions)
+    return view
 
 
-def _assign(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float) -> None:
-    view = _inspect(db, r, devices)
-    picked = view.eligible[: max(0, view.quota - len(view.assigned))]
+def _assign(db: sqlite_utils.Database, r: _Rollout, fleet: _Fleet, now: float) -> None:
+    view = _inspect(db, r, fleet)
+    room = view.quota - view.assigned
+    picked = view.eligible[:room] if room > 0 else []
     for d in picked:
         db.execute("insert into executions (device, release_id, state, reason, updated_at) values (?, ?, 'queued', '', ?)",
                    [d.id, r.id, now])
@@ -297,28 +351,24 @@ def _assign(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now:
 def health(db: sqlite_utils.Database, r: _Rollout, view: _View, drift_memo: dict[str, Any] | None = None) -> list[Gate]:
     """Install success, then error rate, p95 latency and drift of the new version against the
     versions of the model released before it, on the same devices. `drift_memo` caches drift
-    statuses per model across the rollouts of one round (the drift report reads every window)."""
+    statuses per model across the rollouts of one round."""
     plan, gates = r.plan, []
     settled, failed = view.count(SETTLED), view.count(FAILED)
-    need = min(plan.min_devices, len(view.assigned)) or 1
+    need = min(plan.min_devices, view.assigned) or 1
     gates.append(Gate("install success", f"{settled - failed}/{settled} ok",
                       f"failed <= {plan.failed_pct:g}% (after {plan.min_devices} settle)",
                       None if settled < need else 100.0 * failed / settled <= plan.failed_pct))
-    active = [d for d, s in view.executions.items() if s == "active"]
-    new = _calls(db, r.model, "version = ?", [r.version], active, 0.0)
-    old = _calls(db, r.model, "version in (select version from releases where model = ? and id < ? and version != ?)",
-                 [r.model, r.id, r.version], active, r.created_at - BASELINE_S)
-    enough = len(new) >= max(1, plan.min_calls) or (plan.min_calls == 0 and active)
-    sample = f"{len(new)}/{plan.min_calls} calls"
+    active = view.active
+    (n_new, new_err, new_p95), (_, old_err, old_p95) = _call_stats(db, r, active)
+    enough = n_new >= max(1, plan.min_calls) or (plan.min_calls == 0 and active)
+    sample = f"{n_new}/{plan.min_calls} calls"
     if not enough:
         gates.append(Gate("error rate", "-", f"+{plan.gates.max_error_increase:.1%} over previous", None, f"waiting: {sample}"))
         gates.append(Gate("p95 latency", "-", f"x{plan.gates.max_latency_ratio:g} previous", None, f"waiting: {sample}"))
     else:
-        new_err, old_err = _error_rate(new), _error_rate(old)
         limit = old_err + plan.gates.max_error_increase
         gates.append(Gate("error rate", f"{new_err:.1%}", f"<= {limit:.1%} (previous {old_err:.1%})",
                           new_err <= limit + 1e-12, sample))
-        new_p95, old_p95 = _p95(new), _p95(old)
         if new_p95 is None or old_p95 is None:
             gates.append(Gate("p95 latency", "-" if new_p95 is None else f"{new_p95:.2f} ms", "no baseline", True, sample))
         else:
@@ -328,6 +378,29 @@ def health(db: sqlite_utils.Database, r: _Rollout, view: _View, drift_memo: dict
     if plan.gates.drift:
         gates.append(_drift_gate(db, r, active, {} if drift_memo is None else drift_memo))
     return gates
+
+
+def _call_stats(db: sqlite_utils.Database, r: _Rollout, active: list[str]) -> list[tuple[int, float, float | None]]:
+    """(calls, error rate, p95 latency) of the new version and of the versions before it (within
+    BASELINE_S of the rollout's start) on the `active` devices. They read every such inference record,
+    so they are stored (fleet/derived.py) with what they were computed from, and computed again only
+    when the active devices changed or inference records of the model arrived since."""
+    key = hashlib.sha256(json.dumps([r.id, r.model, r.version, r.created_at, sorted(active)]).encode()).hexdigest()
+    name = f"rollout-calls/{r.id}"
+    stored = derived.blob(db, name)
+    if stored is not None and stored["key"] == key and db.execute(  # (a restored database can go back)
+            "select (select coalesce(max(rowid), 0) from telemetry) >= :mark and not exists "
+            "(select 1 from telemetry where rowid > :mark and kind = 'inference' and model = :model)",
+            {"mark": stored["mark"], "model": r.model}).fetchone()[0]:
+        return [tuple(side) for side in stored["stats"]]
+    mark = derived.top(db)
+    new = _calls(db, r.model, "version = ?", [r.version], active, 0.0)
+    old = _calls(db, r.model, "version in (select version from releases where model = ? and id < ? and version != ?)",
+                 [r.model, r.id, r.version], active, r.created_at - BASELINE_S)
+    stats = [(len(calls), _error_rate(calls), _p95(calls)) for calls in (new, old)]
+    with derived.writing(db):
+        derived.put_blob(db, name, {"key": key, "mark": mark, "stats": stats})
+    return stats
 
 
 def _calls(db: sqlite_utils.Database, model: str, version_clause: str, args: list, devices: list[str],
@@ -350,26 +423,16 @@ def _p95(calls: list[tuple[float | None, int]]) -> float | None:
     return float(np.percentile(latencies, 95)) if latencies else None
 
 
-def _drift_statuses(db: sqlite_utils.Database, model: str) -> dict[tuple[str, str], str] | None:
-    """(version, device) -> drift status for `model`; None without drift telemetry from it."""
+def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str], memo: dict[str, Any]) -> Gate:
     from edgeops.fleet import drift
 
-    try:
-        versions = drift.report(db, model)["versions"]
-    except EdgeopsError:
-        return None
-    return {(v["version"], device): d["status"] for v in versions for device, d in v["devices"].items()}
-
-
-def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str], memo: dict[str, Any]) -> Gate:
     if r.model not in memo:
-        memo[r.model] = _drift_statuses(db, r.model)
-    status = memo[r.model]
-    if status is None:
+        memo[r.model] = drift.retraining(db, r.model)
+    retraining = memo[r.model]
+    if retraining is None:
         return Gate("drift", "no windows", "no device newly drifting", True)
-    others = {version for version, _ in status if version != r.version}
-    new = [d for d in active if status.get((r.version, d)) == RETRAIN]
-    newly = [d for d in new if not any(status.get((v, d)) == RETRAIN for v in others)]
+    before = {device for version, device in retraining if version != r.version}
+    newly = [d for d in active if (r.version, d) in retraining and d not in before]
     return Gate("drift", f"{len(newly)} device(s) newly drifting", "0 newly drifting", not newly,
                 ", ".join(newly[:5]))
 
@@ -377,7 +440,7 @@ def _drift_gate(db: sqlite_utils.Database, r: _Rollout, active: list[str], memo:
 def _baked_calls(db: sqlite_utils.Database, r: _Rollout, view: _View) -> int:
     """Inferences on the new version since the current stage settled: each stage's own minimum
     sample (counted by the fleet's clock, which a device's wrong clock cannot fake)."""
-    active = [d for d, s in view.executions.items() if s == "active"]
+    active = view.active
     if r.stage_settled_at is None or not active:
         return 0
     marks = ",".join("?" * len(active))
@@ -386,8 +449,8 @@ def _baked_calls(db: sqlite_utils.Database, r: _Rollout, view: _View) -> int:
                       [r.model, r.version, r.stage_settled_at, *active]).fetchone()[0]
 
 
-def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, memo: dict[str, Any]) -> None:
-    view = _inspect(db, r, devices)
+def _evaluate(db: sqlite_utils.Database, r: _Rollout, fleet: _Fleet, now: float, memo: dict[str, Any]) -> None:
+    view = _inspect(db, r, fleet)
     gates = health(db, r, view, memo)
     failing = [g for g in gates if g.ok is False]
     if failing:
@@ -399,7 +462,7 @@ def _evaluate(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], no
             _close(db, r, "rolled-back", f"health gate failed: {reason}", "engine", now, revert=True)
         return
     assigned = view.assigned
-    if not assigned or view.count(SETTLED) < len(assigned) or (len(assigned) < view.quota and view.eligible):
+    if not assigned or view.count(SETTLED) < assigned or (assigned < view.quota and view.eligible):
         return
     if r.stage_settled_at is None:
         _set_state(db, r.id, now, stage_settled_at=now)  # the bake starts now
@@ -426,7 +489,7 @@ def _next(db: sqlite_utils.Database, r: _Rollout, view: _View, gates: list[Gate]
         return "done; devices that join or come online get it"
     if r.state not in OPEN:
         return r.state
-    assigned, settled = len(view.assigned), view.count(SETTLED)
+    assigned, settled = view.assigned, view.count(SETTLED)
     if not assigned:
         return "waiting for a targeted device to come online"
     if settled < assigned:
@@ -445,21 +508,21 @@ def _next(db: sqlite_utils.Database, r: _Rollout, view: _View, gates: list[Gate]
     return "advancing" if baked >= r.plan.min_calls else f"waiting for the minimum sample: {baked}/{r.plan.min_calls} calls in this stage"
 
 
-def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], now: float, gated: bool,
+def _summarize(db: sqlite_utils.Database, r: _Rollout, fleet: _Fleet, now: float, gated: bool,
                memo: dict[str, Any]) -> dict[str, Any]:
     """`gated`: compute the gates too (costly; worth it for open rollouts and the newest of a model)."""
-    view = _inspect(db, r, devices)
+    view = _inspect(db, r, fleet)
     gates = health(db, r, view, memo) if gated else []
     n_active, n_failed = view.count(("active",)), view.count(FAILED)
     stages = []
     for i, stage in enumerate(r.plan.stages):
-        target = stage.quota(len(view.targeted))
-        stages.append({"label": stage.label, "target": target, "assigned": min(len(view.assigned), target),
+        target = stage.quota(view.n_targeted)
+        stages.append({"label": stage.label, "target": target, "assigned": min(view.assigned, target),
                        "active": min(n_active, target), "failed": min(n_failed, target),
                        "done": r.state == "completed" or i < r.stage})
     return {"id": r.id, "model": r.model, "version": r.version, "selector": r.selector, "profiles": list(r.profiles),
             "state": r.state, "plan": r.plan.to_dict(), "stage": r.stage, "stages": stages,
-            "targeted": len(view.targeted), "counts": {s: view.count((s,)) for s in STATES},
+            "targeted": view.n_targeted, "counts": {s: view.count((s,)) for s in STATES},
             "gates": [g.__dict__ for g in gates], "created_at": r.created_at, "updated_at": r.updated_at,
             "next": _next(db, r, view, gates, now)}
 
@@ -467,19 +530,19 @@ def _summarize(db: sqlite_utils.Database, r: _Rollout, devices: list[_Device], n
 def summaries(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     """Every rollout, newest first, with stage progress, counts per device state and what comes next; gates
     for the open ones and the newest completed one of each model (older ones: an empty list)."""
-    devices, now, memo, seen = _devices(db), time.time(), {}, set()
+    fleet, now, memo, seen = _Fleet(db), time.time(), {}, set()
     found = []
     for r in _rollouts(db):
         gated = r.state in OPEN or (r.state == "completed" and r.model not in seen)
         seen.add(r.model)
-        found.append(_summarize(db, r, devices, now, gated, memo))
+        found.append(_summarize(db, r, fleet, now, gated, memo))
     return found
 
 
 def summary(db: sqlite_utils.Database, rollout_id: int) -> dict[str, Any]:
     """One rollout as in `summaries`, with its decisions."""
     r = _get(db, rollout_id)
-    return {**_summarize(db, r, _devices(db), time.time(), r.state in (*OPEN, "completed"), {}),
+    return {**_summarize(db, r, _Fleet(db), time.time(), r.state in (*OPEN, "completed"), {}),
             "decisions": decisions(db, rollout_id)}
 
 
@@ -491,7 +554,8 @@ def decisions(db: sqlite_utils.Database, rollout_id: int | None = None, limit: i
 
 
 def attention(db: sqlite_utils.Database, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Devices an operator should look at: the latest execution failed, or offline while behind."""
+    """Devices an operator should look at: the latest execution failed, or offline while behind, or
+    its wall clock is wrong."""
     found = []
     for d in devices:
         execution = d.get("execution")
@@ -501,4 +565,6 @@ def attention(db: sqlite_utils.Database, devices: list[dict[str, Any]]) -> list[
         elif not d["online"] and d.get("desired_release") and (not execution or execution["state"] != "active"
                                                                or execution["release_id"] != d["desired_release"]):
             found.append({"device": d["id"], "rollout": d["desired_release"], "reason": "offline, not on its release yet"})
+        if d.get("clock"):  # it keeps serving, but judges expiry by its time floor or freezes updates
+            found.append({"device": d["id"], "rollout": None, "reason": f"wall clock {d['clock']}"})
     return found

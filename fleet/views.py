@@ -1,9 +1,10 @@
-"""`edgeops status` and `edgeops drift report` on the terminal, as rich tables and panels.
+"""`edgeops status`, `edgeops device list` and `edgeops drift report` on the terminal, as rich tables and panels.
 
 `render_status` takes the dict registry.status() returns (GET /v1/status serves the same) and shows, in
 order: devices (or, past LARGE_FLEET devices, only those that need attention plus one count per
-state), releases, rollouts (a panel for each model's newest unfinished rollout, one compact row for
-every other), the latest decisions, drift flags, and devices that need attention last, next to the prompt.
+state, from `device_counts`: past registry.LISTED the status lists no others), releases, rollouts
+(a panel for each model's newest unfinished rollout, one compact row for every other), the latest
+decisions, drift flags, and devices that need attention last, next to the prompt.
 
 Invariants: rendering never fails on a dict from an older server (keys added with rollouts are read
 with defaults), and it only reads the dict: nothing here computes fleet state.
@@ -58,12 +59,18 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     """Print a status dict; see the module docstring for what shows when."""
     devices = data.get("devices", [])
     attention = data.get("attention", [])
-    large = len(devices) > LARGE_FLEET
+    counts = data.get("device_counts")  # absent from older servers, which list every device
+    total = counts["total"] if counts else len(devices)
+    large = total > LARGE_FLEET
     if large:
         needy = {a["device"] for a in attention}
-        states = Counter(d["execution"]["state"] if d.get("execution") else "no report" for d in devices)
-        online = sum(1 for d in devices if d.get("online"))
-        console.print(Text(f"{len(devices)} devices, {online} online: {_counts(states)}; "
+        if counts:
+            states = Counter({"no report" if state == "none" else state: n for state, n in counts["states"].items()})
+            online = counts["online"]
+        else:
+            states = Counter(d["execution"]["state"] if d.get("execution") else "no report" for d in devices)
+            online = sum(1 for d in devices if d.get("online"))
+        console.print(Text(f"{total} devices, {online} online: {_counts(states)}; "
                            f"listing the {len(needy)} that need attention"))
         devices = [d for d in devices if d["id"] in needy]
     if devices or not large:
@@ -81,6 +88,11 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         for a in attention:
             _add(needs, a["device"], "-" if a.get("rollout") is None else f"#{a['rollout']}", a.get("reason", ""))
         console.print(needs)
+
+
+def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
+    """`edgeops device list`: the devices table of `edgeops status`, for the devices given."""
+    console.print(_devices(devices))
 
 
 def _devices(devices: list[dict[str, Any]]) -> Table:

@@ -258,8 +258,10 @@ def test_unknown_paths_devices_and_methods_get_json_errors(api):
     assert status == 404 and data["error"] == "no device 'ghost' is enrolled"
     status, headers, data = call(api, "DELETE", "/v1/releases")
     assert (status, headers["Allow"]) == (405, "GET, POST"), data
-    status, _, data = call(api, "OPTIONS", "/v1/status")
-    assert status == 501 and "OPTIONS" in data["error"]
+    status, headers, data = call(api, "OPTIONS", "/v1/status")
+    assert (status, headers["Allow"]) == (405, "GET") and "OPTIONS" in data["error"], data
+    status, _, data = call(api, "BREW", "/v1/status")  # not an HTTP method at all
+    assert status == 501 and "BREW" in data["error"], data
     assert_alive(api)
 
 

@@ -1,6 +1,8 @@
 /* The edgeops fleet dashboard: reads the fleet's open GET API every REFRESH_MS while the tab is
-   visible and renders it; with the operator token (from "#token=..." or the token field, kept in
-   sessionStorage only) it offers rollout actions, posted with "Authorization: Bearer <token>".
+   visible and renders it (the device table: the first page of GET /v1/devices, filtered by the
+   server, so a large fleet is never fetched whole); with the operator token (from "#token=..." or
+   the token field, kept in sessionStorage only) it offers rollout actions, posted with
+   "Authorization: Bearer <token>".
 
    Invariants: text from the API reaches the page only as text nodes and attribute values, never as
    HTML; the page fetches only from the fleet that served it; routes are "#/" and "#/devices/<id>". */
@@ -16,6 +18,8 @@ const ACTIONS = {running: ["pause", "abort", "rollback"], paused: ["resume", "ab
                  completed: ["rollback"], aborted: ["rollback"], superseded: ["rollback"]};
 const CONFIRM = new Set(["abort", "rollback"]);
 const FULL_CARDS = 6;
+const DEVICE_PAGE = 100;  // rows the device table asks for at first, and more with each "show more"
+const MAX_PAGE = 1000;  // the most GET /v1/devices answers in one page
 const DECISIONS_SHOWN = 5;
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"];
 /* [series field, title, label format, whether a point has a value]: a bucket without calls has no
@@ -30,6 +34,7 @@ const $ = (id) => document.getElementById(id);
 const rendered = {};  // section -> JSON of the data it was last rendered from
 let status = null;  // the last GET /v1/status
 let releases = new Map();
+let deviceLimit = DEVICE_PAGE;
 let timer = null;
 let busy = false;
 let again = false;
@@ -202,7 +207,7 @@ function renderChanged(section, data, draw) {
 /* ---------- overview ---------- */
 
 async function renderOverview() {
-  const fresh = await api("/v1/status");
+  const [fresh, devices] = await Promise.all([api("/v1/status"), api(devicesPath())]);
   const models = [...new Set([...fresh.rollouts, ...fresh.releases].map((r) => r.model))].sort();
   const bucket = $("bucket").value;
   const series = await Promise.all(models.map((model) =>
@@ -213,7 +218,8 @@ async function renderOverview() {
   drawRolloutsIfChanged();
   renderChanged("attention", {attention: status.attention, drift: status.drift}, drawAttention);
   renderChanged("charts", series, drawCharts);
-  drawDevices();
+  renderChanged("devices", {devices, all: status.device_counts.total, releases: status.releases.map((r) => r.id)},
+                drawDevices);
 }
 
 /* Also called when the token comes or goes, so the action buttons follow at once. */
@@ -310,19 +316,25 @@ function drawAttention({attention, drift}) {
 
 /* ---------- devices ---------- */
 
-function searchText(d) {
-  return [d.id, d.profile, ...Object.entries(d.labels).map(([k, v]) => `${k}=${v}`),
-          d.execution ? d.execution.state : "", d.installed_version || ""].join(" ").toLowerCase();
+/* The first page of devices matching the filter: the server filters, so a large fleet is never sent whole. */
+function devicesPath() {
+  const query = new URLSearchParams({limit: String(deviceLimit)});
+  const terms = $("filter").value.trim().slice(0, 200);
+  if (terms) query.set("q", terms);
+  if ($("online").value) query.set("online", String($("online").value === "online"));
+  return `/v1/devices?${query}`;
 }
 
-function drawDevices() {
-  const devices = status ? status.devices : [];
-  const terms = $("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
-  const online = $("online").value;
-  const shown = devices.filter((d) => (!online || (online === "online") === d.online)
-                                      && terms.every((term) => searchText(d).includes(term)));
-  $("device-count").textContent = `${shown.length} of ${devices.length}`;
-  $("device-rows").replaceChildren(...shown.map(deviceRow));
+function drawDevices({devices, all}) {
+  const more = devices.devices.length < devices.total;
+  $("device-count").textContent = `${devices.total} of ${all}` + (more ? ` (first ${devices.devices.length} shown)` : "");
+  $("device-rows").replaceChildren(...devices.devices.map(deviceRow));
+  $("more-devices").hidden = !more || deviceLimit >= MAX_PAGE;
+}
+
+function filterDevices() {
+  deviceLimit = DEVICE_PAGE;
+  refresh();
 }
 
 function deviceRow(d) {
@@ -456,8 +468,12 @@ function start() {
     setToken("");
     refresh();
   });
-  $("filter").addEventListener("input", drawDevices);
-  $("online").addEventListener("change", drawDevices);
+  $("filter").addEventListener("input", filterDevices);
+  $("online").addEventListener("change", filterDevices);
+  $("more-devices").addEventListener("click", () => {
+    deviceLimit = Math.min(MAX_PAGE, deviceLimit + DEVICE_PAGE);
+    refresh();
+  });
   $("bucket").addEventListener("change", () => {
     sessionStorage.setItem(BUCKET_KEY, $("bucket").value);
     refresh();
