@@ -29,7 +29,8 @@ from edgeops.protocol.errors import EdgeopsError
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
 STAGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|dev|devs|devices)?\s*$")
-ABORT = re.compile(r"^\s*failed\s*>\s*(\d+(?:\.\d+)?)\s*%\s*(?:,\s*min\s*=\s*(\d+)\s*)?$")
+# Bounded digits: int() refuses numbers over 4,300 digits with a ValueError, and no fleet needs more.
+ABORT = re.compile(r"^\s*failed\s*>\s*(\d{1,9}(?:\.\d{1,9})?)\s*%\s*(?:,\s*min\s*=\s*(\d{1,9})\s*)?$")
 IN_FLIGHT = ("queued", "downloading", "verifying", "installing", "self-test")
 DEFAULT_DEADLINES = {"queued": 600.0, "downloading": 1800.0, "verifying": 600.0, "installing": 600.0, "self-test": 600.0}
 ON_FAILURE = ("rollback", "pause")

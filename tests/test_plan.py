@@ -207,7 +207,8 @@ def test_abort_syntax(text, parsed):
 
 
 @pytest.mark.parametrize("text", ["nonsense", "failed<5%", "failed>5", "failed>5%,min=x", "failed>5%,max=3",
-                                  "failed>5%,min=", "failures>5%", "failed>-1%", ""])
+                                  "failed>5%,min=", "failures>5%", "failed>-1%", "",
+                                  "failed>5%,min=" + "9" * 5000, "failed>" + "1" * 5000 + "%"])
 def test_bad_abort_criteria_name_the_value(text):
     message = error(parse_abort, text)
     assert message == f"abort criteria {text!r} must look like failed>5%,min=5"
