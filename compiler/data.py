@@ -5,14 +5,15 @@ model input: samples stack along the model's first axis) or is a whole model inp
 rank, e.g. a recurrent state whose batch axis is not the first, or a scalar). When every input
 stacks, the model runs as many samples at once as its batch axis allows; when any input is whole,
 it runs one sample at a time, the stacking inputs getting a batch of one. `labels` (class indices)
-may ride along.
+may ride along, and so may any other array that is not a model input (letterbox offsets, say): those
+are `extras`, handed to the task metric, their first axis aligned with the samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,7 @@ class Dataset:
     batch: int | None  # the model's fixed batch size; None when its batch axis is dynamic
     whole: frozenset[str]  # inputs whose samples are whole model inputs (no batch axis to stack on)
     digest: str
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # arrays that are not inputs, `labels` included
 
     @property
     def stacked(self) -> bool:
@@ -63,7 +65,8 @@ class Dataset:
     def take(self, indices: np.ndarray | slice) -> "Dataset":
         labels = None if self.labels is None else self.labels[indices]
         arrays = {k: v[indices] for k, v in self.arrays.items()}
-        return Dataset(arrays, labels, self.batch, self.whole, self.digest)
+        extras = {k: v[indices] for k, v in self.extras.items()}
+        return Dataset(arrays, labels, self.batch, self.whole, self.digest, extras)
 
     def usable(self) -> int:
         """Samples the batches cover (a fixed batch size may leave a remainder out)."""
@@ -88,15 +91,15 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
         raise EdgeopsError(f"{role} data {path} does not exist") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise EdgeopsError(f"{role} data {path} is not a readable .npz file ({exc})") from None
-    labels = arrays.pop(LABELS, None)
     names = [spec.name for spec in inputs]
     for missing in [n for n in names if n not in arrays]:
         raise EdgeopsError(f"{role} data {path} has no array '{missing}' (model inputs: {', '.join(names)})")
-    for extra in [k for k in arrays if k not in names]:
-        raise EdgeopsError(f"{role} data {path} has array '{extra}', which is not a model input ({', '.join(names)})")
     counts = {len(a) if a.ndim else -1 for a in arrays.values()}
     if len(counts) != 1 or -1 in counts or 0 in counts:
-        raise EdgeopsError(f"{role} data {path}: every array needs the same number of samples on its first axis")
+        raise EdgeopsError(f"{role} data {path}: every array needs the same number of samples on its first axis "
+                           "(arrays that are not model inputs too)")
+    extras = {k: arrays.pop(k) for k in list(arrays) if k not in names}
+    labels = extras.get(LABELS)
     whole = set()
     for spec in inputs:
         array = arrays[spec.name]
@@ -121,7 +124,7 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
     if batch and len(next(iter(arrays.values()))) < batch:
         raise EdgeopsError(f"{role} data {path} has fewer samples than the model's fixed batch size {batch}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Dataset(arrays, labels, batch, frozenset(whole), digest)
+    return Dataset(arrays, labels, batch, frozenset(whole), digest, extras)
 
 
 def _batch_size(inputs: list[TensorSpec]) -> int | None:

@@ -87,7 +87,8 @@ def _cosine(np, a, b) -> float:
 
 
 def score(np, metric: dict, reference: list, outputs: list, labels) -> float:
-    """The same three metrics as edgeops.compiler.quality.score (edgeops re-measures the result)."""
+    """Accuracy and top-1 as edgeops.compiler.metrics score them; a flattened cosine as the proxy for any other
+    task metric (edgeops re-measures the result with the real one)."""
     index = metric.get("output", 0)
     if metric["name"] == "accuracy":
         return float(np.mean(_top1(np, outputs[index]) == labels[: len(outputs[index])]))

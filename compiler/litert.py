@@ -34,9 +34,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from edgeops.compiler import measure, quality
+from edgeops.compiler import measure, metrics
 from edgeops.compiler.data import Dataset
-from edgeops.compiler.model import outputs_of
+from edgeops.compiler.model import inputs_of, outputs_of
 from edgeops.compiler.passes import PassContext
 from edgeops.compiler.search import Result
 from edgeops.protocol.errors import EdgeopsError
@@ -63,7 +63,7 @@ def variants(precision: str, has_calib: bool) -> list[str]:
         return ["fp32"]
     if precision == "fp16":
         return ["fp16", "fp32"]
-    return [*(["int8"] if has_calib else []), "dynamic", "dynamic-per-tensor", "fp32"]
+    return [*(["int8"] if has_calib else []), "dynamic", "dynamic-per-tensor", "fp16", "fp32"]
 
 
 def reduces_precision(result: Result) -> bool:
@@ -252,6 +252,7 @@ class LiteRTSearch:
     results: list[Result] = field(default_factory=list)
     models: dict[int, bytes] = field(default_factory=dict)  # id(result) -> .tflite bytes
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def run(self) -> "LiteRTSearch":
         profile = self.ctx.profile
@@ -266,9 +267,10 @@ class LiteRTSearch:
             self.notes.append(f"output {gone['output']} is not in the TFLite model: TFLite has no {gone['op']} "
                               f"(node {gone['node']}); the other outputs are")
         self.outputs = [outputs_of(self.base)[i] for i in kept]
-        self.fp32_outputs = [fp32_outputs[i] for i in kept]
-        self.metric = quality.choose_metric(self.base, self.outputs, self.fp32_outputs, labelled, self.forced_metric)
-        self.fp32_quality = quality.score(self.metric, self.fp32_outputs, self.fp32_outputs, self.evaluation.labels)
+        self.fp32_outputs = {self.outputs[j].name: fp32_outputs[i] for j, i in enumerate(kept)}
+        info = metrics.ModelInfo.of(self.base, [spec.shape for spec in inputs_of(self.base)], labelled)
+        self.metric, self.warnings = metrics.choose(self.fp32_outputs, info, self.forced_metric)
+        self.fp32_quality = self._score(self.fp32_outputs)
         self.tf_evaluation = to_tf_layout(self.evaluation)
         self.feed = measure.first_sample(self.tf_evaluation)
         names = [spec.name for spec in self.outputs]
@@ -285,8 +287,12 @@ class LiteRTSearch:
         try:
             data = rename_outputs(raw, names)
             model = interpreter(data, profile.runtime.threads)
-            outputs = [_onnx_layout(out, ref) for out, ref in zip(run_dataset(model, self.tf_evaluation, names), self.fp32_outputs)]
+            outputs = {name: _onnx_layout(out, self.fp32_outputs[name])
+                       for name, out in zip(names, run_dataset(model, self.tf_evaluation, names))}
+            result.quality = self._score(outputs)
             result.latency_ms = _timed_ms(model, self.feed, TIMING_S)
+        except metrics.MetricError:
+            raise  # the user's metric failed: that ends the build, not the variant
         except EdgeopsError as exc:
             result.error = str(exc)
             return
@@ -299,7 +305,6 @@ class LiteRTSearch:
         self.models[id(result)] = data
         result.size_bytes = len(data)
         result.download_bytes = len(zlib.compress(data, 9))
-        result.quality = quality.score(self.metric, self.fp32_outputs, outputs, self.evaluation.labels)
         result.drop = self.fp32_quality - result.quality
         if result.drop > self.max_drop + 1e-12:
             result.misses.append(f"drop {result.drop:.4f} > {self.max_drop}")
@@ -308,6 +313,11 @@ class LiteRTSearch:
         if result.latency_ms > profile.budget.max_latency_ms:
             result.misses.append(f"{result.latency_ms:.2f} ms > budget {profile.budget.max_latency_ms} ms")
         result.misses.extend(runtime_misses(data, profile.runtime.name, profile.runtime.version))
+
+    def _score(self, outputs: metrics.Outputs) -> float:
+        samples = len(next(iter(outputs.values())))
+        return metrics.score(self.metric, self.fp32_outputs, outputs,
+                             {k: v[:samples] for k, v in self.evaluation.extras.items()})
 
     def best(self) -> Result | None:
         """The first fitting variant in the profile's order of preference (`variants`), unless it is

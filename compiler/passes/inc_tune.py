@@ -86,7 +86,7 @@ def read_trials(ctx: PassContext) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class IncTune:
-    metric: str = "accuracy"  # edgeops' metric (compiler/quality.py), mirrored in the worker
+    metric: str = "accuracy"  # accuracy, top1 or cosine (compiler/metrics/), mirrored in the worker
     output: int = 0  # which output holds the class scores (accuracy / top1)
     max_drop: float = 0.01  # absolute, as --max-accuracy-drop; the worker converts it for INC
     max_trials: int = 16
