@@ -141,7 +141,12 @@ def profiles_show(name: str, as_json: bool) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration data (.npz keyed by input name).")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Eval data (.npz; may hold `labels`).")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=float, help="Largest quality drop accepted (0.01 = 1 point).")
-@click.option("--metric", type=click.Choice(["accuracy", "top1", "cosine"]), help="Override the quality metric.")
+@click.option("--metric", metavar="NAME|FILE.py:FUNCTION",
+              help="The task metric: a built-in one (accuracy, top1, detection, ctc, segmentation, cosine, "
+                   "worst-channel) or your own function, called as FUNCTION(fp32, candidate, data). "
+                   "[default: chosen by what the outputs are]")
+@click.option("--search-time", metavar="DURATION", default="20m", show_default=True,
+              help="Time for the search, e.g. 5m, 1h; then the best so far is kept.")
 @click.option("--engine", type=click.Choice(["edgeops", "inc"]), default="edgeops", show_default=True,
               help="Who searches for the int8 model: edgeops' built-in search, or Intel Neural Compressor's "
                    "accuracy-aware tuning (onnx-neural-compressor, in its own venv: set EDGEOPS_INC_PYTHON).")
@@ -151,7 +156,7 @@ def profiles_show(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (progress goes to stderr).")
 @click.option("--max-memory", metavar="SIZE", help="Memory the build process may allocate, e.g. 8GiB. [default: 3/4 of this machine's RAM]")
 @click.option("--max-cpu-time", metavar="DURATION", help="CPU time the build process may use, e.g. 30m, 2h. [default: 8h]")
-def build(model, profile, calib, eval_, max_accuracy_drop, metric, engine, name, version, outdir, as_json,
+def build(model, profile, calib, eval_, max_accuracy_drop, metric, search_time, engine, name, version, outdir, as_json,
           max_memory, max_cpu_time) -> None:
     """Compile MODEL for a hardware profile into a signed-ready bundle.
 
@@ -165,21 +170,31 @@ def build(model, profile, calib, eval_, max_accuracy_drop, metric, engine, name,
       edgeops build model.onnx --profile rpi4 --calib calib.npz --eval eval.npz
       edgeops build model.onnx -p x86-vnni --calib calib.npz --max-accuracy-drop 0.005 -o dist/
       edgeops build model.onnx -p rpi-zero2w --calib calib.npz --json > report.json
+      edgeops build yolo.onnx -p x86-vnni --calib calib.npz --eval eval.npz --metric docs/metrics/yolo_f1.py:detection_f1
       edgeops build untrusted.onnx -p rpi4 --calib calib.npz --max-memory 4GiB --max-cpu-time 30m
       EDGEOPS_INC_PYTHON=~/inc-venv/bin/python edgeops build model.onnx -p rpi4 --calib calib.npz --eval eval.npz --engine inc
     """
     from rich.console import Console
 
-    from edgeops.compiler.report import render
-    from edgeops.compiler.sandbox import Limits, run_build
+    from edgeops.compiler.report import render, render_failure
+    from edgeops.compiler.sandbox import Limits, parse_seconds, run_build
+    from edgeops.protocol.errors import BuildFailed
 
     limits = Limits.from_options(max_memory, max_cpu_time)
     err = Console(stderr=True)
     # The fields of edgeops.compiler.build.BuildRequest: this process never imports the compiler itself.
     request = {"model": model, "profile": profile, "calib": calib, "eval": eval_, "max_drop": max_accuracy_drop,
-               "name": name, "version": version, "outdir": outdir, "metric": metric, "engine": engine}
-    with err.status("building") as status:
-        report = run_build(request, limits, progress=lambda message: status.update(message))
+               "name": name, "version": version, "outdir": outdir, "metric": metric, "engine": engine,
+               "search_time": parse_seconds(search_time, "--search-time")}
+    try:
+        with err.status("building") as status:
+            report = run_build(request, limits, progress=lambda message: status.update(message))
+    except BuildFailed as exc:  # the candidates tried are what a user needs to decide what to change
+        if as_json:
+            _echo_json(exc.report)
+        else:
+            render_failure(exc.report, _stdout_console())
+        raise
     if as_json:
         _echo_json(report)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +25,9 @@ from edgeops.compiler.chart import candidates_html
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
 from edgeops.compiler.passes.optimize import Optimize
-from edgeops.compiler.search import Result, Search, reduces_precision, run_inc, run_search
+from edgeops.compiler.search import DEFAULT_TIME_LIMIT_S, Result, Search, precision_of, run_inc, run_search
 from edgeops.protocol import bundle as bundlemod
-from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.errors import BuildFailed, EdgeopsError
 from edgeops.protocol.profiles import Profile, load_profile
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ class BuildRequest:
     name: str | None = None
     version: str = "1.0.0"
     outdir: Path = Path(".")
-    metric: str | None = None
+    metric: str | None = None  # a built-in metric's name, or PATH.py:FUNCTION (compiler/metrics/user.py)
     engine: str = "edgeops"  # "edgeops" (the built-in search) or "inc" (Intel Neural Compressor's tuning)
+    search_time: float = DEFAULT_TIME_LIMIT_S  # seconds; past it only the float fallbacks are measured
 
 
 def _check_outdir(outdir: Path) -> None:
@@ -105,12 +107,15 @@ class Compiled:
     search: Search
     chosen: Result
     notes: list[str]
+    started: float = 0.0  # time.monotonic() when the build began
     latency: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
 
 
 def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Compile, validate and bundle; return the report. Raises EdgeopsError when no candidate fits."""
+    """Compile, validate and bundle; return the report. Raises BuildFailed (with the report of every
+    candidate) when no candidate fits, EdgeopsError on bad input."""
+    started = time.monotonic()
     profile = load_profile(req.profile)
     tflite = profile.runtime.name in litert.RUNTIMES
     if req.engine not in ENGINES:
@@ -120,6 +125,8 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
                            f"{profile.runtime.name}; drop --engine, or pick an onnxruntime profile")
     if not 0 <= req.max_drop < 1:
         raise EdgeopsError(f"--max-accuracy-drop must be between 0 and 1, got {req.max_drop}")
+    if not 0 < req.search_time < 1e7:
+        raise EdgeopsError(f"--search-time must be a positive duration, got {req.search_time}")
     name = _check_name(req.name or req.model.stem, "model name")
     version = _check_name(req.version, "version")
     _check_outdir(req.outdir)
@@ -136,13 +143,14 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
         progress(f"measuring fp32 on {evaluation.usable()} eval samples")
         if tflite:
             search = litert.LiteRTSearch(base, ctx, evaluation, req.max_drop, req.metric, progress).run()
-            notes.extend(search.notes)
         else:
-            search = ENGINES[req.engine](Search(base, ctx, evaluation, req.max_drop, req.metric, progress))
+            search = ENGINES[req.engine](Search(base, ctx, evaluation, req.max_drop, req.metric, progress, req.search_time))
+        notes.extend(search.notes)
         chosen = search.best()
+        compiled = Compiled(req, profile, name, version, source, calib, evaluation, search, chosen, notes, started)
         if chosen is None:
-            raise EdgeopsError(_no_fit_message(search, profile))
-        compiled = Compiled(req, profile, name, version, source, calib, evaluation, search, chosen, notes)
+            message = _no_fit_message(search, profile)
+            raise BuildFailed(message, {**_report(compiled), "error": message})
         progress("measuring fp32 and the chosen model's latency side by side")
         (_validate_tflite if tflite else _validate)(compiled, Path(tmp))
         report = _report(compiled)
@@ -157,13 +165,19 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
 
 
 def _fallback_note(c: Compiled) -> None:
-    reduced = litert.reduces_precision(c.chosen) if isinstance(c.search, litert.LiteRTSearch) else reduces_precision(c.chosen)
-    if c.profile.precision != "fp32" and not reduced:
-        failures = sorted({r.error or "; ".join(r.misses) for r in c.search.results if not r.ok})
-        slower = [f"{r.label} {r.latency_ms:.2f} ms" for r in c.search.results if r.ok and r.clearly_slower]
-        why = " / ".join(failures + ([f"clearly slower than fp32 ({c.chosen.latency_ms:.2f} ms) here: {', '.join(slower)}"]
-                                     if slower else []))
-        c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the fp32 model: {why}")
+    """When the bundle is less compressed than the profile asks (fp16 or fp32 for int8), say why, with numbers."""
+    rank = {"int4": 0, "int8": 0, "fp16": 1, "fp32": 2}
+    shipped = precision_of(c.chosen)
+    if rank[shipped] <= rank[c.profile.precision]:
+        return
+    metric = c.search.metric.name
+    smaller = [r for r in c.search.results if rank[precision_of(r)] < rank[shipped]]
+    failed = [f"{r.label}: {r.error}" if r.error else
+              f"{r.label}: {metric} {r.quality:.4f} ({'; '.join(r.misses) or 'fits'})" for r in smaller if not r.ok]
+    slower = [f"{r.label} {r.latency_ms:.2f} ms" for r in smaller if r.ok and r.clearly_slower]
+    why = " / ".join(failed + ([f"clearly slower than fp32 here: {', '.join(slower)}"] if slower else []))
+    c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the {shipped} model "
+                   f"(fp32 {metric} {c.search.fp32_quality:.4f}): {why or 'none could be built'}")
 
 
 def _check_memory(c: Compiled) -> None:
@@ -216,17 +230,26 @@ def _no_fit_message(search: Search, profile: Profile) -> str:
     if closest is None:
         errors = "; ".join(sorted({r.error or "" for r in search.results}))[:300]
         return f"no candidate could be built for profile {profile.name}: {errors}"
+    budget = profile.budget
+    advice = []
+    if any(m.startswith("drop") for m in closest.misses):
+        advice.append("a larger --max-accuracy-drop or more representative --calib data")
+    if any("B > budget" in m for m in closest.misses):
+        advice.append(f"a profile with a larger bundle budget (max_bundle_bytes {budget.max_bundle_bytes})")
+    if any("ms > budget" in m for m in closest.misses):
+        advice.append(f"a profile with a larger latency budget (max_latency_ms {budget.max_latency_ms}), a smaller "
+                      "model, or a build on an idle machine: latency is measured on this one")
     return (
-        f"no candidate fits profile {profile.name} within the tolerance: the closest, '{closest.label}', has "
-        f"quality {closest.quality:.4f} vs fp32 {search.fp32_quality:.4f}, {closest.download_bytes} B, "
-        f"{closest.latency_ms:.2f} ms ({'; '.join(closest.misses)}). Try a larger --max-accuracy-drop, more "
-        "representative --calib data, or a profile with a larger budget"
+        f"no candidate fits profile {profile.name}: the closest, '{closest.label}', has {search.metric.name} "
+        f"{closest.quality:.4f} vs fp32 {search.fp32_quality:.4f}, {closest.download_bytes} B, "
+        f"{closest.latency_ms:.2f} ms ({'; '.join(closest.misses)}). Try {', or '.join(advice) or 'another profile'}"
     )
 
 
 def _report(c: Compiled) -> dict[str, Any]:
+    """The report of a build; on failure (`c.chosen` is None) the chosen model's figures are absent."""
     search, chosen = c.search, c.chosen
-    return {
+    report = {
         "bundle": None,
         "name": c.name,
         "version": c.version,
@@ -234,25 +257,28 @@ def _report(c: Compiled) -> dict[str, Any]:
         "engine": c.req.engine,
         "runtime": {"name": c.profile.runtime.name, "device_version": c.profile.runtime.version,
                     "validated_with": _validated_with(c.profile)},
-        "size_bytes": chosen.size_bytes,
-        "download_bytes": chosen.download_bytes,
         "fp32_size_bytes": _source_size(c.req.model, c.source),
         "parameters": parameter_count(search.base),
         "quality": {
             "metric": search.metric.name,
+            "why": search.metric.reason,
             "fp32": round(search.fp32_quality, 6),
-            "compiled": round(chosen.quality, 6),
-            "drop": round(chosen.drop, 6),
             "max_drop": c.req.max_drop,
             "eval_samples": c.evaluation.usable(),
         },
-        "latency_ms": c.latency,
-        "peak_memory_mb": c.memory,
-        "chosen": chosen.label,
-        "passes": [describe(Optimize()), *(describe(p) for p in chosen.passes)],
+        "search": {"seconds": round(getattr(search, "elapsed_s", 0.0), 1), "time_limit_s": c.req.search_time,
+                   "skipped": getattr(search, "skipped", 0)},
         "candidates": [r.to_dict() for r in search.results],
+        "warnings": search.warnings,
         "notes": c.notes,
+        "compile_seconds": round(time.monotonic() - c.started, 1),
     }
+    if chosen is not None:
+        report.update(size_bytes=chosen.size_bytes, download_bytes=chosen.download_bytes, chosen=chosen.label,
+                      precision=precision_of(chosen), latency_ms=c.latency, peak_memory_mb=c.memory,
+                      passes=[describe(Optimize()), *(describe(p) for p in chosen.passes)])
+        report["quality"].update(compiled=round(chosen.quality, 6), drop=round(chosen.drop, 6))
+    return report
 
 
 def package(c: Compiled, report: dict[str, Any]) -> bytes:
@@ -297,7 +323,8 @@ def _bundle(c: Compiled, report: dict[str, Any], entry: dict[str, Any], data: by
             runtime_versions: dict[str, str]) -> bytes:
     out_names = [spec["name"] for spec in outputs]
     ref_data = evaluation if calib is None else calib
-    classifier = c.search.metric.output if c.search.metric.name != "cosine" else None
+    metric = c.search.metric
+    classifier = out_names.index(metric.output) if metric.name in ("accuracy", "top1") and metric.output in out_names else None
     summaries = reference.reference_summaries(ref_data, out_names, run(ref_data), classifier)
     arrays, selftest = reference.selftest_arrays(evaluation, out_names, run(evaluation, reference.SELFTEST_SAMPLES))
     manifest = {

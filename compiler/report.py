@@ -29,9 +29,25 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(summary)
     console.print(candidates_table(report))
     console.print(f"chosen: [bold]{report['chosen']}[/bold]")
+    _footer(report, console)
+    console.print(f"bundle: [bold]{report['bundle']}[/bold]  chart: {report['chart']}")
+
+
+def render_failure(report: dict[str, Any], console: Console) -> None:
+    """A build that found no fitting candidate: every candidate, so the user sees what to change."""
+    console.print(candidates_table(report))
+    _footer(report, console)
+
+
+def _footer(report: dict[str, Any], console: Console) -> None:
+    q, search = report["quality"], report["search"]
+    console.print(f"metric: {q['metric']} ({q['why']}); fp32 scores {q['fp32']:.4f} on {q['eval_samples']} samples")
+    for warning in report["warnings"]:
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     for note in report["notes"]:
         console.print(f"note: {note}")
-    console.print(f"bundle: [bold]{report['bundle']}[/bold]  chart: {report['chart']}")
+    console.print(f"search: {len(report['candidates'])} candidates in {search['seconds']:.0f} s "
+                  f"(limit {search['time_limit_s']:.0f} s); build: {report['compile_seconds']:.0f} s")
 
 
 def _verdict(candidate: dict[str, Any], chosen: bool) -> str:
@@ -50,7 +66,7 @@ def candidates_table(report: dict[str, Any]) -> Table:
     table.add_column("ms", justify="right")
     table.add_column("result", overflow="fold")
     for c in report["candidates"]:
-        chosen = c["label"] == report["chosen"]
+        chosen = c["label"] == report.get("chosen")
         measured = not c["error"]
         table.add_row(
             c["label"],

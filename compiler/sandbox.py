@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.errors import BuildFailed, EdgeopsError
 
 if TYPE_CHECKING:
     from edgeops.compiler.build import BuildRequest
@@ -111,7 +111,8 @@ class Limits:
 
 def run_build(request: BuildRequest | Mapping[str, Any], limits: Limits = Limits(),
               progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """`edgeops.compiler.build.build(request)` in a limited child process: its report, or EdgeopsError.
+    """`edgeops.compiler.build.build(request)` in a limited child process: its report, or EdgeopsError
+    (BuildFailed, with the report of every candidate, when none fitted).
 
     `request` may be a BuildRequest or a mapping of its fields, so a caller need not import the
     compiler (onnx, onnxruntime: about a second) only to hand it to the child. As with any
@@ -151,6 +152,8 @@ def run_build(request: BuildRequest | Mapping[str, Any], limits: Limits = Limits
     if code < 0:
         for partial in _partial_files(fields.get("outdir", ".")) - before:
             partial.unlink(missing_ok=True)
+    if "failed_report" in outcome:
+        raise BuildFailed(outcome["error"], outcome["failed_report"])
     raise EdgeopsError(_failure(code, outcome, list(stderr_tail), limits))
 
 
@@ -256,6 +259,8 @@ def _child(order: dict[str, Any], pipe: Connection, stderr: Connection) -> None:
         request = order["request"]
         request.update({key: Path(request[key]) for key in ("model", "calib", "eval", "outdir") if request.get(key) is not None})
         send({"report": build(BuildRequest(**request), progress=lambda message: send({"progress": message}))})
+    except BuildFailed as exc:  # no candidate fitted: the report of every candidate goes with the reason
+        send({"error": str(exc), "failed_report": exc.report})
     except EdgeopsError as exc:  # onnxruntime's allocation failures arrive wrapped in one (PassError)
         send({"error": str(exc), "memory": bool(OUT_OF_MEMORY.search(str(exc)))})
     except MemoryError:

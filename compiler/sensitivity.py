@@ -74,3 +74,36 @@ def sensitive_nodes(fp32: onnx.ModelProto, quantized: onnx.ModelProto, data: Dat
     growth = np.diff([0.0, *errors])
     order = np.argsort(-growth, kind="stable")
     return [nodes[i].name for i in order]
+
+
+def _weight_nodes(model: onnx.ModelProto) -> set[str]:
+    initializers = {init.name for init in model.graph.initializer}
+    return {n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers}
+
+
+def _no_weight_beyond(nodes: list[onnx.NodeProto], weights: set[str], downstream: bool) -> list[str]:
+    """Names of nodes past which (downstream, or upstream) no weight node lies, in graph order."""
+    producer = {out: node for node in nodes for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    beyond: dict[str, bool] = {}
+    # ONNX graphs are topologically sorted: walk from the far side so every neighbour is decided first
+    for node in (reversed(nodes) if downstream else nodes):
+        if downstream:
+            neighbours = [c for out in node.output for c in consumers.get(out, [])]
+        else:
+            neighbours = [producer[name] for name in node.input if name in producer]
+        beyond[node.name] = any(n.name in weights or beyond[n.name] for n in neighbours)
+    return [n.name for n in nodes if not beyond[n.name]]
+
+
+def head_and_front(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The head (the last weight layers and everything after them: decoding, output activations) and
+    the front end (everything up to and including the first weight layers: normalisation, feature
+    extraction), by node name. These are what keeps a detector's scores and an audio model's features
+    alive when the rest is int8, so the search keeps them in float before ranking single layers."""
+    weights = _weight_nodes(model)
+    nodes = list(model.graph.node)
+    return _no_weight_beyond(nodes, weights, True), _no_weight_beyond(nodes, weights, False)

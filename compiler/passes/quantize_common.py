@@ -17,7 +17,9 @@ from edgeops.compiler.passes import PassError
 log = logging.getLogger(__name__)
 QUANT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                 "ConvInteger", "QLinearConv", "QLinearMatMul"}
+                 "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                 "MatMulIntegerToFloat", "QAttention", "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits",
+                 "GatherBlockQuantized"}
 
 
 def _plain_gemm(node: onnx.NodeProto, initializers: set[str]) -> bool:
