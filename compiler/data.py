@@ -96,8 +96,9 @@ def load_npz(path: str | Path, inputs: list[TensorSpec], role: str) -> Dataset:
         raise EdgeopsError(f"{role} data {path} has no array '{missing}' (model inputs: {', '.join(names)})")
     counts = {len(a) if a.ndim else -1 for a in arrays.values()}
     if len(counts) != 1 or -1 in counts or 0 in counts:
-        raise EdgeopsError(f"{role} data {path}: every array needs the same number of samples on its first axis "
-                           "(arrays that are not model inputs too)")
+        sizes = ", ".join(f"'{k}' {len(a) if a.ndim else 'a scalar'}" for k, a in arrays.items())
+        raise EdgeopsError(f"{role} data {path}: every array, model input or not, needs the same number of "
+                           f"samples on its first axis ({sizes})")
     extras = {k: arrays.pop(k) for k in list(arrays) if k not in names}
     labels = extras.get(LABELS)
     whole = set()

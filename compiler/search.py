@@ -12,8 +12,8 @@ ran 4-9x slower than fp32, and which one wins depends on the model. For int8 pro
 3. weight-only int8 (per-channel weights, float math), and 4-bit block-wise MatMul weights where the
    profile's onnxruntime has MatMulNBits;
 4. fp16 (float32 inputs and outputs kept), and fp32 when nothing else fits;
-5. structured pruning (whole channels) in front of the winner, then magnitude pruning, each kept only
-   when it shrinks the download by PRUNE_MIN_SAVING and fits the tolerance.
+5. structured pruning (whole channels) in front of the winner, then magnitude pruning, mildest first
+   and on while they fit, each kept only when it shrinks the download by PRUNE_MIN_SAVING.
 
 A model that already holds quantized ops is measured as it is: quantizing it again is not possible.
 
@@ -33,7 +33,6 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from edgeops.compiler import compat, measure, metrics
@@ -54,8 +53,9 @@ from edgeops.compiler.sensitivity import head_and_front, sensitive_nodes
 from edgeops.protocol.profiles import version_tuple
 
 log = logging.getLogger(__name__)
-SPARSITIES = (0.7, 0.5, 0.3)
-CHANNEL_RATIOS = (0.5, 0.25)
+# Mildest first, stopping at the first that misses: without fine-tuning, pruning more only loses more.
+SPARSITIES = (0.3, 0.5, 0.7)
+CHANNEL_RATIOS = (0.25, 0.5)
 # Latency only vetoes a candidate when it is clearly slower than fp32 (ConvInteger runs 4-9x slower):
 # finer differences are noise on a busy 2-core machine. A ratio within NEAR of the threshold is
 # measured again for longer and the two are averaged, so noise rarely flips the decision.
@@ -340,16 +340,15 @@ def _prune_round(search: Search) -> None:
             result.misses.append(f"pruning saves {saved:.0%} of the download, under {PRUNE_MIN_SAVING:.0%}")
         return result
 
+    parent = winner
     for ratio in CHANNEL_RATIOS:
-        result = tried(f"remove {ratio:.0%} channels", ChannelPrune(ratio), winner)
-        if result is None or result.error:
+        result = tried(f"remove {ratio:.0%} channels", ChannelPrune(ratio), parent)
+        if result is None or not result.ok:
             break
-        if result.ok:
-            winner = result
-            break
+        winner = result
     for sparsity in SPARSITIES:
         result = tried(f"prune {sparsity:.0%}", MagnitudePrune(sparsity), winner)
-        if result is None or result.ok:
+        if result is None or not result.ok:
             break
 
 

@@ -272,10 +272,13 @@ def test_npz_wrong_shape(tmp_path, digits_model, build_fails, shape):
     assert "does not fit the model input shape" in line
 
 
-def test_npz_extra_array(tmp_path, digits_model, build_fails):
+def test_npz_extra_array_not_aligned(tmp_path, digits_model, build_fails):
+    """Arrays that are not inputs go to the task metric, so they must index the same samples."""
     arrays = digits_arrays(digits_model, "calib")
-    line = build_fails(digits_model.onnx, "--profile", "x86-vnni", "--calib", bad_npz(tmp_path, **arrays, mask=arrays["pixels"]))
-    assert "'mask'" in line
+    line = build_fails(digits_model.onnx, "--profile", "x86-vnni", "--calib",
+                       bad_npz(tmp_path, **arrays, mask=arrays["pixels"][:-1]))
+    n = len(arrays["pixels"])
+    assert "same number of samples" in line and f"'pixels' {n}, 'mask' {n - 1}" in line
 
 
 def test_npz_float_labels(tmp_path, digits_model, build_fails):

@@ -40,6 +40,8 @@ from edgeops.compiler.passes.quantize_common import QUANTIZED_OPS, split_gemms  
 from edgeops.compiler.passes.quantize_static import StaticQuantize  # noqa: E402
 from edgeops.protocol.bundle import Bundle, read_bundle  # noqa: E402
 from edgeops.protocol.errors import EdgeopsError  # noqa: E402
+from edgeops.cli import cli  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 from edgeops.protocol.profiles import load_profile  # noqa: E402
 
 PROFILE = "x86-vnni"
@@ -48,7 +50,7 @@ EPS = 1e-9
 REPORT_KEYS = {
     "bundle", "bundle_bytes", "name", "version", "profile", "runtime", "size_bytes", "download_bytes",
     "fp32_size_bytes", "parameters", "quality", "latency_ms", "peak_memory_mb", "chosen", "passes",
-    "candidates", "notes",
+    "candidates", "notes", "warnings", "search", "compile_seconds", "precision",
 }  # fmt: skip
 INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 # onnxruntime 1.16 (rpi-zero2w's runtime) is built on ONNX 1.14.1 and refuses models stamped with a
@@ -237,6 +239,21 @@ def test_candidates_are_measured(any_build):
     assert latency["fp32"] > 0 and latency["compiled"] > 0
 
 
+def test_pruning_that_does_not_shrink_the_download_is_never_chosen(any_build):
+    by_label = {c["label"]: c for c in any_build.report["candidates"]}
+    for label, candidate in by_label.items():
+        parent = label.split(" + ", 1)[1] if " + " in label else None
+        if candidate["ok"] and parent in by_label:
+            assert candidate["download_bytes"] <= 0.9 * by_label[parent]["download_bytes"] + 1, candidate
+
+
+def test_the_report_says_how_quality_and_time_were_measured(any_build):
+    report = any_build.report
+    assert report["quality"]["why"]
+    assert report["search"]["seconds"] <= report["compile_seconds"]
+    assert report["search"]["time_limit_s"] == 20 * 60 and report["search"]["skipped"] == 0
+
+
 def test_slower_than_fp32_is_noted(any_build):
     latency, notes = any_build.report["latency_ms"], any_build.report["notes"]
     if latency["compiled"] > latency["fp32"]:
@@ -394,21 +411,7 @@ def test_fixed_batch_cnn_keeps_batch_one(fixed_batch):
 
 def _plain_ort_top1(source, workdir: Path) -> float:
     """Top-1 agreement with fp32 of onnxruntime's quantize_static with default arguments."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-
-    with np.load(source.calib) as data:
-        calib = {k: data[k] for k in data.files}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            n = len(next(iter(calib.values())))
-            self.feeds = iter([{k: v[i : i + 64] for k, v in calib.items()} for i in range(0, n, 64)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    out = workdir / "plain-ort.onnx"
-    quantize_static(str(source.onnx), str(out), Reader())
+    out = zoo_thirdparty.plain_quantize_static(source, workdir / "plain-ort.onnx", batch=64)
     arrays, _ = _eval_arrays(source)
     fp32 = ort.InferenceSession(str(source.onnx), providers=["CPUExecutionProvider"])
     plain = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -560,8 +563,57 @@ def test_bundle_budget_too_small_fails_naming_the_closest(digits_model, tmp_path
     closest = re.search(r"closest, '([^']+)'", message)
     assert closest and ("int8" in closest.group(1) or "fp32" in closest.group(1)), message
     assert "> budget 1000 B" in message
-    assert "Try" in message
+    assert "larger bundle budget" in message and "--max-accuracy-drop" not in message
     assert not list(outdir.glob("*.edgeops"))
+
+
+def test_a_failed_build_still_prints_every_candidate_as_json(digits_model, tmp_path):
+    """The candidate table is what a user needs to decide what to change: --json prints it on failure too."""
+    text = (Path(__file__).parents[1] / "firmware_profiles" / "x86-vnni.toml").read_text()
+    profile = tmp_path / "tiny-latency.toml"
+    profile.write_text(re.sub(r"max_latency_ms = [0-9_.]+", "max_latency_ms = 0.00001",
+                              text.replace('name = "x86-vnni"', 'name = "tiny-latency"')))
+    result = CliRunner().invoke(cli, ["build", str(digits_model.onnx), "-p", str(profile), "--calib", str(digits_model.calib),
+                                      "--eval", str(digits_model.eval), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["error"].startswith("no candidate fits profile tiny-latency")
+    assert "larger latency budget" in report["error"] and "--max-accuracy-drop" not in report["error"]
+    assert len(report["candidates"]) >= 3 and not any(c["ok"] for c in report["candidates"])
+    assert "chosen" not in report and "bundle" not in report or report["bundle"] is None
+    assert result.stderr.strip().splitlines() == [f"Error: {report['error']}"]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_already_quantized_model_is_measured_as_shipped(digits_model, tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantized = tmp_path / "int8.onnx"
+    quantize_dynamic(str(digits_model.onnx), str(quantized))
+    report = build(BuildRequest(model=quantized, profile=PROFILE, calib=digits_model.calib, eval=digits_model.eval,
+                                outdir=tmp_path / "out"))
+    assert [c["label"] for c in report["candidates"]][0] == "as shipped (already quantized)"
+    assert report["chosen"] == "as shipped (already quantized)"
+    assert any("already quantized (" in note and "MatMulInteger" in note for note in report["notes"])
+    assert not any(c["label"].startswith("int8") for c in report["candidates"])
+
+
+def test_long_tensor_names_are_shortened_and_outputs_kept(tmp_path):
+    """tf2onnx writes names like `StatefulPartitionedCall/model/conv1d_25;...__306`; onnxruntime's QDQ
+    quantizer wrote a graph that did not load from one, so the optimizer shortens them."""
+    weights = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "model/dense;kernel__306")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "model/dense;kernel__306"], ["model/dense;MatMul;x__1"], name="model/dense;MatMul"),
+         helper.make_node("Relu", ["model/dense;MatMul;x__1"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    short = Optimize().apply(model, PassContext(load_profile(PROFILE), None, tmp_path))
+    names = [n for node in short.graph.node for n in [node.name, *node.input, *node.output]]
+    assert not any(";" in n for n in names), names
+    assert [i.name for i in short.graph.input] == ["x"] and [o.name for o in short.graph.output] == ["y"]
+    feed = {"x": np.ones((1, 4), np.float32)}
+    np.testing.assert_allclose(_outputs(short, feed)[0], _outputs(model, feed)[0])
 
 
 # --- 11. passes on their own -----------------------------------------------------------------------------

@@ -58,6 +58,19 @@ def test_detection_f1_counts_moved_and_missing_boxes():
     assert metric.score({"output0": head}, {"output0": moved}, {}) == pytest.approx(2 * 4 / 10)
 
 
+def test_a_frames_by_pitches_sigmoid_map_is_no_detector():
+    """basic-pitch's onset head [172 frames, 88 pitches] once passed for a YOLO head of 172 anchors."""
+    onsets = RNG.uniform(0, 1, (4, 172, 88)).astype(np.float32)
+    assert detection.recognise({"StatefulPartitionedCall:2": onsets}, INFO) is None
+
+
+def test_a_head_where_fp32_finds_nothing_is_not_judged_as_a_detector():
+    quiet = _yolo_head()
+    quiet[:, 4:] *= 0.1  # F1 over no objects is 1 whatever a candidate does
+    metric, warnings = metrics.choose({"output0": quiet}, INFO, None)
+    assert metric.name == "worst-channel" and warnings
+
+
 def test_anchors_first_head_with_objectness():
     head = np.transpose(_yolo_head(samples=2, classes=3), (0, 2, 1)).copy()  # [A, 4+3]
     head = np.concatenate([head[:, :, :4], np.ones_like(head[:, :, :1]), head[:, :, 4:]], axis=2)  # [A, 5+3]

@@ -21,7 +21,7 @@ generic metric over outputs that look like a known task is always named in a war
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import onnx
@@ -64,6 +64,11 @@ class ModelInfo:
 
 def floats(outputs: Outputs) -> dict[str, np.ndarray]:
     return {name: a for name, a in outputs.items() if np.issubdtype(a.dtype, np.floating)}
+
+
+def first_output(outputs: Outputs, find: Callable[[str, np.ndarray], Metric | None]) -> Metric | None:
+    """The metric `find` makes of the first float output it recognises."""
+    return next((m for name, array in floats(outputs).items() if (m := find(name, array)) is not None), None)
 
 
 def sample_shape(array: np.ndarray) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeops.compiler.metrics import ModelInfo, Outputs, floats, sample_shape
+from edgeops.compiler.metrics import ModelInfo, Outputs, first_output, sample_shape
 
 MIN_STEPS = 4
 MIN_CLASSES = 3
@@ -69,8 +69,8 @@ def _recognise(name: str, array: np.ndarray, info: ModelInfo, checked: bool) -> 
 
 
 def recognise(outputs: Outputs, info: ModelInfo) -> CTC | None:
-    return next((m for n, a in floats(outputs).items() if (m := _recognise(n, a, info, True))), None)
+    return first_output(outputs, lambda name, array: _recognise(name, array, info, True))
 
 
 def forced(outputs: Outputs, info: ModelInfo) -> CTC | None:
-    return next((m for n, a in floats(outputs).items() if (m := _recognise(n, a, info, False))), None)
+    return first_output(outputs, lambda name, array: _recognise(name, array, info, False))

@@ -2,11 +2,15 @@
 
 Recognised heads (all on real fp32 outputs, class scores within [0, 1]):
 - YOLO: one output per sample of [4+C, A] (YOLOv8 and later: boxes cx, cy, w, h then C class
-  scores, no objectness) or [A, 5+C] (YOLOv5/YOLOX: boxes, objectness, C class scores), with many
-  more anchors A than features;
+  scores, no objectness) or [A, 5+C] (YOLOv5/YOLOX: boxes, objectness, C class scores), with at
+  least ANCHORS_PER_FEATURE times more anchors A than features (a 160-pixel YOLOv8 of 80 classes
+  has 525 anchors for 84 features; a [frames, pitches] sigmoid map has as many of each);
 - box + score pairs: [A, 4] boxes next to [A, C] scores (SSD-style); corner boxes when every
   confident box has x2 >= x1 and y2 >= y1, centre boxes otherwise; softmax scores lose column 0
   (background).
+
+A head is only taken for a detector when fp32 finds at least one object in the eval data: F1 over
+no objects is 1 whatever the candidate does, which would hide any collapse.
 
 Decoding keeps scores >= CONFIDENCE, then class-wise NMS at NMS_IOU, at most MAX_DETECTIONS per
 sample (Ultralytics' defaults). A candidate detection is a hit when it matches an unmatched fp32
@@ -26,6 +30,7 @@ NMS_IOU = 0.45
 MATCH_IOU = 0.5
 MAX_DETECTIONS = 300
 MIN_ANCHORS = 64
+ANCHORS_PER_FEATURE = 4
 
 
 def _corners(boxes: np.ndarray, centre: bool) -> np.ndarray:
@@ -133,7 +138,7 @@ def _distribution(head: np.ndarray) -> bool:
 
 def _yolo(name: str, array: np.ndarray, info: ModelInfo) -> Detection | None:
     shape = sample_shape(array)
-    if len(shape) != 2 or max(shape) < MIN_ANCHORS or min(shape) < 5 or shape[0] == shape[1]:
+    if len(shape) != 2 or max(shape) < MIN_ANCHORS or min(shape) < 5 or max(shape) < ANCHORS_PER_FEATURE * min(shape):
         return None
     head = array.reshape(len(array), *shape)
     if info.producers.get(name) in ("Softmax", "LogSoftmax") or _distribution(head):
@@ -173,11 +178,8 @@ def _pair(outputs: Outputs) -> Detection | None:
 
 
 def recognise(outputs: Outputs, info: ModelInfo) -> Detection | None:
-    for name, array in floats(outputs).items():
-        found = _yolo(name, array, info)
-        if found is not None:
-            return found
-    return _pair(outputs)
+    heads = [_yolo(name, array, info) for name, array in floats(outputs).items()] + [_pair(outputs)]
+    return next((head for head in heads if head is not None and head.count(outputs) > 0), None)
 
 
 def forced(outputs: Outputs, info: ModelInfo) -> Detection | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeops.compiler.metrics import ModelInfo, Outputs, floats
+from edgeops.compiler.metrics import ModelInfo, Outputs, first_output
 
 MIN_SIDE = 8
 THRESHOLD = 0.5
@@ -66,8 +66,8 @@ def _recognise(name: str, array: np.ndarray, info: ModelInfo, checked: bool) -> 
 
 
 def recognise(outputs: Outputs, info: ModelInfo) -> Segmentation | None:
-    return next((m for n, a in floats(outputs).items() if (m := _recognise(n, a, info, True))), None)
+    return first_output(outputs, lambda name, array: _recognise(name, array, info, True))
 
 
 def forced(outputs: Outputs, info: ModelInfo) -> Segmentation | None:
-    return next((m for n, a in floats(outputs).items() if (m := _recognise(n, a, info, False))), None)
+    return first_output(outputs, lambda name, array: _recognise(name, array, info, False))
