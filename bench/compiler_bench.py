@@ -115,7 +115,7 @@ def setup(example) -> tuple:
     threads = 2
     names = [spec.name for spec in outputs_of(model)]
     reference = dict(zip(names, measure.run_dataset(measure.session(model.SerializeToString(), threads), evaluation)))
-    info = metrics.ModelInfo.of(model, [spec.shape for spec in inputs], evaluation.labels is not None)
+    info = metrics.ModelInfo.of(model, [spec.shape for spec in inputs], evaluation.labels)
     metric, _ = metrics.choose(reference, info, None)
     return model, calib, evaluation, reference, metric, threads
 

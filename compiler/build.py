@@ -20,7 +20,7 @@ import onnxruntime
 
 import edgeops
 from edgeops.compiler import data as datamod
-from edgeops.compiler import litert, measure, reference
+from edgeops.compiler import litert, measure, metrics, reference
 from edgeops.compiler.chart import candidates_html
 from edgeops.compiler.model import inputs_of, load_model, outputs_of, opset_of, parameter_count
 from edgeops.compiler.passes import PassContext, PassError, describe
@@ -131,6 +131,7 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
     name = _check_name(req.name or req.model.stem, "model name")
     version = _check_name(req.version, "version")
     _check_outdir(req.outdir)
+    forced_metric = metrics.parse(req.metric)
     progress(f"loading {req.model}")
     source = load_model(req.model)
     calib, evaluation, notes = _datasets(req, source)
@@ -143,9 +144,9 @@ def build(req: BuildRequest, progress: Callable[[str], None] = lambda message: N
             raise EdgeopsError(f"{req.model}: {exc}") from None
         progress(f"measuring fp32 on {evaluation.usable()} eval samples")
         if tflite:
-            search = litert.LiteRTSearch(base, ctx, evaluation, req.max_drop, req.metric, progress).run()
+            search = litert.LiteRTSearch(base, ctx, evaluation, req.max_drop, forced_metric, progress).run()
         else:
-            search = ENGINES[req.engine](Search(base, ctx, evaluation, req.max_drop, req.metric, progress, req.search_time))
+            search = ENGINES[req.engine](Search(base, ctx, evaluation, req.max_drop, forced_metric, progress, req.search_time))
         notes.extend(search.notes)
         chosen = search.best()
         compiled = Compiled(req, profile, name, version, source, calib, evaluation, search, chosen, notes, started)
@@ -270,8 +271,7 @@ def _report(c: Compiled) -> dict[str, Any]:
             "max_drop": c.req.max_drop,
             "eval_samples": c.evaluation.usable(),
         },
-        "search": {"seconds": round(getattr(search, "elapsed_s", 0.0), 1), "time_limit_s": c.req.search_time,
-                   "skipped": getattr(search, "skipped", 0)},
+        "search": {"seconds": round(search.elapsed_s, 1), "time_limit_s": c.req.search_time, "skipped": search.skipped},
         "candidates": [r.to_dict() for r in search.results],
         "warnings": search.warnings,
         "notes": c.notes,

@@ -247,18 +247,23 @@ class LiteRTSearch:
     ctx: PassContext
     evaluation: Dataset  # ONNX layout
     max_drop: float
-    forced_metric: str | None = None
+    forced_metric: str | metrics.Metric | None = None  # what metrics.parse made of --metric
     progress: Callable[[str], None] = lambda message: None
     results: list[Result] = field(default_factory=list)
     models: dict[int, bytes] = field(default_factory=dict)  # id(result) -> .tflite bytes
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    skipped: int = 0  # a fixed set of variants: --search-time does not cut it short
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
 
     def run(self) -> "LiteRTSearch":
         profile = self.ctx.profile
         fp32_session = measure.session(self.base.SerializeToString(), profile.runtime.threads)
         fp32_outputs = measure.run_dataset(fp32_session, self.evaluation)
-        labelled = self.evaluation.labels is not None
         wanted = variants(profile.precision, self.ctx.calib is not None)
         self.progress(f"converting to TFLite ({', '.join(wanted)})")
         converted = convert(self.base, self.ctx.calib or self.evaluation, wanted, self.ctx.workdir / "tflite")
@@ -268,7 +273,7 @@ class LiteRTSearch:
                               f"(node {gone['node']}); the other outputs are")
         self.outputs = [outputs_of(self.base)[i] for i in kept]
         self.fp32_outputs = {self.outputs[j].name: fp32_outputs[i] for j, i in enumerate(kept)}
-        info = metrics.ModelInfo.of(self.base, [spec.shape for spec in inputs_of(self.base)], labelled)
+        info = metrics.ModelInfo.of(self.base, [spec.shape for spec in inputs_of(self.base)], self.evaluation.labels)
         self.metric, self.warnings = metrics.choose(self.fp32_outputs, info, self.forced_metric)
         self.fp32_quality = self._score(self.fp32_outputs)
         self.tf_evaluation = to_tf_layout(self.evaluation)

@@ -154,6 +154,8 @@ def run_build(request: BuildRequest | Mapping[str, Any], limits: Limits = Limits
             partial.unlink(missing_ok=True)
     if "failed_report" in outcome:
         raise BuildFailed(outcome["error"], outcome["failed_report"])
+    if fields.get("metric") and ":" in str(fields["metric"]):
+        outcome.setdefault("metric", fields["metric"])
     raise EdgeopsError(_failure(code, outcome, list(stderr_tail), limits))
 
 
@@ -216,7 +218,8 @@ def _failure(code: int, outcome: dict[str, Any], stderr: list[str], limits: Limi
         name = signal.strsignal(-code) or f"signal {-code}"
         return f"the build process crashed ({name}) in native code, probably on a malformed model"
     last = stderr[-1] if stderr else "no output"
-    return f"the build process ended without a report (exit status {code}): {last}"
+    return f"the build process ended without a report (exit status {code}): {last}" + (
+        f"; the --metric function {metric} may have ended it" if (metric := outcome.get("metric")) else "")
 
 
 # ----------------------------------------------------------------------------------------- the child

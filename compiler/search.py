@@ -124,7 +124,7 @@ class Search:
     ctx: PassContext
     evaluation: Dataset
     max_drop: float
-    forced_metric: str | None = None
+    forced_metric: str | metrics.Metric | None = None  # what metrics.parse made of --metric
     progress: Callable[[str], None] = lambda message: None
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     fp32_outputs: metrics.Outputs = field(default_factory=dict)
@@ -139,8 +139,7 @@ class Search:
         self.fp32_session = measure.session(self.base.SerializeToString(), self.ctx.profile.runtime.threads)
         self.names = [spec.name for spec in outputs_of(self.base)]
         self.fp32_outputs = dict(zip(self.names, measure.run_dataset(self.fp32_session, self.evaluation)))
-        info = metrics.ModelInfo.of(self.base, [spec.shape for spec in inputs_of(self.base)],
-                                    self.evaluation.labels is not None)
+        info = metrics.ModelInfo.of(self.base, [spec.shape for spec in inputs_of(self.base)], self.evaluation.labels)
         self.metric, self.warnings = metrics.choose(self.fp32_outputs, info, self.forced_metric)
         self.warnings.extend(_metric_warnings(self.metric, self.fp32_outputs))
         self.fp32_quality = self._score(self.fp32_outputs)
@@ -263,7 +262,8 @@ def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
         return
     best = min(static, key=lambda r: r.drop)
     for variants in (_reduced_range, _float_layers, _other_calibration):
-        if best.ok:
+        # these rounds win back accuracy: they cannot help a candidate that misses only on size or time
+        if best.drop <= search.max_drop or search.out_of_time():
             return
         for label, p in variants(search, best):
             result = search.evaluate(label, (p,))
@@ -337,7 +337,7 @@ def _prune_round(search: Search) -> None:
         result = search.evaluate(f"{label} + {parent.label}", (p, *parent.passes))
         if result is not None and result.error is None and result.download_bytes > parent.download_bytes * (1 - PRUNE_MIN_SAVING):
             saved = 1 - result.download_bytes / parent.download_bytes
-            result.misses.append(f"pruning saves {saved:.0%} of the download, under {PRUNE_MIN_SAVING:.0%}")
+            result.misses.append(f"pruning saves {saved:.1%} of the download, under {PRUNE_MIN_SAVING:.0%}")
         return result
 
     parent = winner

@@ -16,7 +16,7 @@ from edgeops.compiler.metrics.user import UserMetric
 from edgeops.protocol.errors import EdgeopsError
 
 RNG = np.random.default_rng(0)
-INFO = ModelInfo({}, [(1, 3, 320, 320)], False)
+INFO = ModelInfo({}, [(1, 3, 320, 320)], None)
 
 
 def _yolo_head(samples: int = 6, classes: int = 18, anchors: int = 2100) -> np.ndarray:
@@ -101,7 +101,7 @@ def _ctc(samples: int = 8, steps: int = 40, classes: int = 30, blank: int = 0) -
 
 def test_ctc_head_decodes_and_one_flipped_step_changes_the_string():
     probs = _ctc()
-    metric, _ = metrics.choose({"softmax_0.tmp_0": probs}, ModelInfo({"softmax_0.tmp_0": "Softmax"}, [], False), None)
+    metric, _ = metrics.choose({"softmax_0.tmp_0": probs}, ModelInfo({"softmax_0.tmp_0": "Softmax"}, [], None), None)
     assert metric.name == "ctc" and metric.blank == 0
     flipped = probs.copy()
     best = probs[0].argmax(-1)
@@ -119,7 +119,7 @@ def test_ctc_blank_is_what_fp32_picks_most():
 
 def test_segmentation_miou():
     logits = RNG.normal(0, 1, (2, 4, 32, 32)).astype(np.float32)
-    info = ModelInfo({"out": "Softmax"}, [(1, 3, 32, 32)], False)
+    info = ModelInfo({"out": "Softmax"}, [(1, 3, 32, 32)], None)
     metric, _ = metrics.choose({"out": logits}, info, None)
     assert metric.name == "segmentation"
     lost = logits.copy()
@@ -187,13 +187,18 @@ def test_user_metric_gets_both_outputs_and_the_extra_arrays(tmp_path):
     ("def metric(fp32, candidate, data):\n    return 'good'\n", "returned 'good'"),
     ("def metric(fp32, candidate, data):\n    return np.ones(3)\n", "must return one finite number"),
     ("def metric(fp32, candidate, data):\n    while True:\n        pass\n", "ran longer than 1 s"),
+    ("def metric(fp32, candidate, data):\n    while True:\n        try:\n            while True:\n                pass\n"
+     "        except Exception:\n            pass\n", "ran longer than 1 s"),  # no `except Exception` swallows it
+    ("def metric(fp32, candidate, data):\n    raise SystemExit(3)\n", "raised SystemExit"),
+    ("def metric(fp32, candidate, data):\n    return 10 ** 400\n", "must return one finite number"),
+    ("def metric(fp32, candidate, data):\n    fp32['y'] += 1\n    return 1.0\n", "read-only"),
 ])
 def test_user_metric_failures_name_the_function(tmp_path, monkeypatch, body, message):
     monkeypatch.setenv("EDGEOPS_METRIC_TIMEOUT", "1")
     spec = _user_metric(tmp_path, body)
     metric = UserMetric.load(spec)
     with pytest.raises(metrics.MetricError) as error:
-        metric.score({"y": np.zeros(2)}, {"y": np.zeros(2)}, {})
+        metrics.score(metric, {"y": np.zeros(2)}, {"y": np.zeros(2)}, {})
     assert spec in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -205,3 +210,35 @@ def test_user_metric_that_cannot_be_loaded(tmp_path):
         UserMetric.load(_user_metric(tmp_path, "x = 1\n"))
     with pytest.raises(EdgeopsError, match="importing .* failed: ZeroDivisionError"):
         UserMetric.load(_user_metric(tmp_path, "x = 1 / 0\n", "bad.py"))
+
+
+def test_user_metric_file_loads_as_python_would_run_it(tmp_path):
+    """Helpers beside it import, and dataclasses under `from __future__ import annotations` work."""
+    (tmp_path / "mytask.py").write_text("def agreement(a, b):\n    return float((a == b).mean())\n")
+    (tmp_path / "with_helper.py").write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\nfrom mytask import agreement\n\n\n"
+        "@dataclass\nclass Settings:\n    threshold: float = 0.5\n\n\n"
+        "def metric(fp32, candidate, data):\n    return agreement(fp32['y'], candidate['y'])\n")
+    assert UserMetric.load(f"{tmp_path}/with_helper.py:metric").score({"y": np.ones(4)}, {"y": np.ones(4)}, {}) == 1.0
+
+
+def test_a_collapsed_embedding_is_no_match():
+    vectors = RNG.normal(size=(4, 32))
+    metric = metrics.embedding.Cosine("e", "test")
+    assert metric.score({"e": vectors}, {"e": vectors}, {}) == pytest.approx(1.0)
+    assert metric.score({"e": vectors}, {"e": np.zeros_like(vectors)}, {}) == 0.0
+
+
+def test_a_constant_channel_that_drifts_a_little_is_no_collapse():
+    outputs = {"o": np.stack([RNG.uniform(0, 1, 64), np.zeros(64)], axis=1)}
+    drifted = {"o": outputs["o"] + np.array([0.0, 1e-6])}
+    assert worst_channel.WorstChannel("test").score(outputs, drifted, {}) > 0.99
+
+
+def test_labels_that_are_no_class_are_refused_and_chance_level_warns():
+    scores = RNG.normal(size=(40, 10)).astype(np.float32)
+    with pytest.raises(EdgeopsError, match=r"labels run from 1 to 10, but output logits has 10 classes"):
+        metrics.choose({"logits": scores}, ModelInfo({}, [], np.arange(40) % 10 + 1), None)
+    wrong = (scores.argmax(1) + 1) % 10  # every label disagrees with the model
+    metric, warnings = metrics.choose({"logits": scores}, ModelInfo({}, [], wrong), None)
+    assert metric.name == "accuracy" and "no better than chance" in warnings[0]

@@ -20,7 +20,7 @@ generic metric over outputs that look like a known task is always named in a war
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -53,13 +53,16 @@ class ModelInfo:
 
     producers: dict[str, str]  # output name -> op type of the node that produces it
     input_shapes: list[tuple]  # declared shapes of the runtime inputs (ints, names or None)
-    has_labels: bool = False
-    extras: tuple[str, ...] = field(default=())
+    labels: np.ndarray | None = None  # the eval data's class indices, if it has them
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, input_shapes: list[tuple], has_labels: bool) -> "ModelInfo":
+    def of(cls, model: onnx.ModelProto, input_shapes: list[tuple], labels: np.ndarray | None) -> "ModelInfo":
         producers = {out: node.op_type for node in model.graph.node for out in node.output}
-        return cls(producers, input_shapes, has_labels)
+        return cls(producers, input_shapes, labels)
 
 
 def floats(outputs: Outputs) -> dict[str, np.ndarray]:
@@ -112,17 +115,29 @@ def _forced(name: str, outputs: Outputs, info: ModelInfo, found: Metric | None) 
     return metric
 
 
-def choose(outputs: Outputs, info: ModelInfo, forced: str | None) -> tuple[Metric, list[str]]:
+def parse(spec: str | None) -> str | Metric | None:
+    """--metric as written: None, a built-in metric's name, or the user's function, loaded. Checked
+    before any slow work, so a typo costs no model optimisation."""
+    if not spec:
+        return None
+    if is_user_metric(spec):
+        return UserMetric.load(spec)
+    if spec not in BUILT_IN:
+        raise EdgeopsError(f"--metric {spec!r} is neither a built-in metric ({', '.join(BUILT_IN)}) "
+                           "nor a file and function written as PATH.py:FUNCTION")
+    return spec
+
+
+def choose(outputs: Outputs, info: ModelInfo, forced: str | Metric | None) -> tuple[Metric, list[str]]:
     """The metric for these fp32 outputs, and the warnings the report must show.
 
-    `forced` is a built-in name or `PATH.py:FUNCTION`. Without it: labels and a classifier give
-    accuracy; otherwise the first task recognised; otherwise the conservative worst-channel score.
+    `forced` is what `parse` made of --metric. Without it: labels and a classifier give accuracy;
+    otherwise the first task recognised; otherwise the conservative worst-channel score.
     """
-    if forced and is_user_metric(forced):
-        return UserMetric.load(forced), []
-    if forced and forced not in BUILT_IN:
-        raise EdgeopsError(f"--metric {forced!r} is neither a built-in metric ({', '.join(BUILT_IN)}) "
-                           "nor a file and function written as PATH.py:FUNCTION")
+    if isinstance(forced, str):
+        forced = parse(forced)
+    if forced is not None and not isinstance(forced, str):
+        return forced, []
     found = _recognised(outputs, info)
     if found is not None and found.name == "top1" and info.has_labels:
         found = classification.Accuracy(found.output, "eval data has labels, and " + found.reason)
@@ -132,11 +147,11 @@ def choose(outputs: Outputs, info: ModelInfo, forced: str | None) -> tuple[Metri
             return metric, [f"the outputs look like a {found.name} task ({found.reason}), but --metric {forced} "
                             f"compares raw tensors, which can miss a collapse of the task; drop --metric to use "
                             f"{found.name}, or pass your own as --metric FILE.py:FUNCTION"]
-        return metric, []
+        return metric, classification.check_labels(metric, outputs, info)
     if found is None and info.has_labels:
         found = classification.forced_accuracy(outputs, info)
     if found is not None:
-        return found, []
+        return found, classification.check_labels(found, outputs, info)
     metric = worst_channel.WorstChannel(reason="no output looks like a task edgeops knows "
                                                "(classifier, detector, CTC, segmenter, embedding)")
     return metric, ["quality is the generic worst-channel score, not a task metric: no output looks like a task "
@@ -144,8 +159,18 @@ def choose(outputs: Outputs, info: ModelInfo, forced: str | None) -> tuple[Metri
 
 
 def score(metric: Metric, reference: Outputs, candidate: Outputs, data: dict[str, np.ndarray]) -> float:
-    """The metric's score; BrokenOutputs when the candidate's outputs are not finite where fp32's are."""
+    """The metric's score; BrokenOutputs when the candidate's outputs are not finite where fp32's are.
+
+    The arrays are handed over read-only: a metric that edits them in place would otherwise change
+    the reference every later candidate is compared with."""
     for name, ref in floats(reference).items():
         if name in candidate and not np.isfinite(candidate[name][np.isfinite(ref)]).all():
             raise BrokenOutputs(f"output {name} has NaN or Inf where fp32's is finite")
-    return metric.score(reference, candidate, data)
+    return metric.score(_read_only(reference), _read_only(candidate), _read_only(data))
+
+
+def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    views = {name: array.view() for name, array in arrays.items()}
+    for view in views.values():
+        view.flags.writeable = False
+    return views

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeops.compiler.metrics import ModelInfo, Outputs, floats, sample_shape
+from edgeops.compiler.metrics import Metric, ModelInfo, Outputs, floats, sample_shape
+from edgeops.protocol.errors import EdgeopsError
 
 HINTS = ("logit", "prob", "class", "score", "softmax", "label")
 
@@ -71,3 +72,22 @@ def forced_accuracy(outputs: Outputs, info: ModelInfo) -> Accuracy | None:
     found = recognise(outputs, info)
     name = found.output if found else _first_scores(outputs)
     return Accuracy(name, f"eval data has labels; class scores in output {name}") if name else None
+
+
+def check_labels(metric: Metric, outputs: Outputs, info: ModelInfo) -> list[str]:
+    """Refuse labels that are no class of the output; warn when fp32 itself scores at chance.
+
+    Labels shifted by one or out of range make every model score about zero, so no candidate can
+    drop and the most aggressive one would be chosen."""
+    if metric.name != "accuracy":
+        return []
+    classes = outputs[metric.output].shape[-1]
+    labels = info.labels
+    if labels.min() < 0 or labels.max() >= classes:
+        raise EdgeopsError(f"eval labels run from {labels.min()} to {labels.max()}, but output {metric.output} has "
+                           f"{classes} classes (0 to {classes - 1}); fix the labels (1-based?) or drop them")
+    fp32 = metric.score(outputs, outputs, {"labels": labels})
+    if fp32 <= 1 / classes:
+        return [f"the fp32 model's accuracy on the eval labels is {fp32:.4f}, no better than chance over "
+                f"{classes} classes: check the labels match the eval samples, or the drop means nothing"]
+    return []

@@ -26,9 +26,10 @@ class Cosine:
     def score(self, reference: Outputs, candidate: Outputs, data: dict[str, np.ndarray]) -> float:
         a = reference[self.output].reshape(len(reference[self.output]), -1).astype(np.float64)
         b = candidate[self.output].reshape(len(a), -1).astype(np.float64)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        both_zero = norms == 0
-        return float(np.mean(np.where(both_zero, 1.0, (a * b).sum(1) / np.where(both_zero, 1, norms))))
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        cosine = (a * b).sum(1) / np.where(na * nb > 0, na * nb, 1)
+        # both zero: the same vector; one zero: a collapse, not a match
+        return float(np.mean(np.where((na == 0) & (nb == 0), 1.0, np.where(na * nb > 0, cosine, 0.0))))
 
 
 def recognise(outputs: Outputs, info: ModelInfo) -> Cosine | None:

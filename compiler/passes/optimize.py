@@ -114,7 +114,7 @@ def short_names(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     kept = {v.name for v in [*graph.input, *graph.output]} | _subgraph_names(graph) | {""}
     tensors = [*(out for node in graph.node for out in node.output), *(init.name for init in graph.initializer)]
-    taken = set(tensors) | {node.name for node in graph.node}
+    taken = set(tensors) | {node.name for node in graph.node} | kept
     renamed: dict[str, str] = {}
     for name in tensors:
         if name not in kept and name not in renamed and not PLAIN_NAME.match(name):
