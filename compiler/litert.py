@@ -66,11 +66,6 @@ def variants(precision: str, has_calib: bool) -> list[str]:
     return [*(["int8"] if has_calib else []), "dynamic", "dynamic-per-tensor", "fp16", "fp32"]
 
 
-def reduces_precision(result: Result) -> bool:
-    """Whether the candidate is int8 or fp16, rather than the fp32 fallback."""
-    return result.passes[0].variant != "fp32"
-
-
 def to_tf_layout(data: Dataset) -> Dataset:
     """The dataset as LiteRT takes it: 4-D inputs NCHW -> NHWC."""
     arrays = {k: np.ascontiguousarray(v.transpose(0, 2, 3, 1)) if v.ndim == 4 else v for k, v in data.arrays.items()}

@@ -243,11 +243,6 @@ def precision_of(result: Result) -> str:
     return "fp16" if Float16 in kinds else "fp32"
 
 
-def reduces_precision(result: Result) -> bool:
-    """Whether the candidate is int8, int4 or fp16, rather than fp32."""
-    return precision_of(result) != "fp32"
-
-
 def _static_rounds(search: Search, weight_ops: tuple[str, ...]) -> None:
     q = search.ctx.profile.quantization
     # All ops first: fewer float<->int8 transitions run faster where it keeps accuracy (CNNs);

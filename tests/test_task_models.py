@@ -36,7 +36,7 @@ DOCS_METRICS = Path(__file__).resolve().parents[1] / "docs" / "metrics"
 # budget judged on a loaded build machine would make the choice depend on its load.
 PROFILE = Path(__file__).resolve().parents[1] / "firmware_profiles" / "x86-vnni.toml"
 MAX_DROP = 0.01
-SEARCH_TIME = "5m"  # bounds CI time; the float fallbacks are measured whatever the limit
+SEARCH_TIME = "4m"  # bounds CI time; the float fallbacks are measured whatever the limit
 
 
 def _docs_metric(file: str, function: str):
@@ -80,11 +80,11 @@ def profile(tmp_path_factory) -> Path:
     return path
 
 
-def _build(name: str, tmp_path_factory, profile: Path, *extra: str) -> SimpleNamespace:
+def _build(name: str, tmp_path_factory, profile: Path, *extra: str, search_time: str = SEARCH_TIME) -> SimpleNamespace:
     workdir = tmp_path_factory.mktemp(name)
     source = _model(name, workdir / "data")
     args = ["build", str(source.onnx), "-p", str(profile), "--calib", str(source.calib), "--eval", str(source.eval),
-            "-o", str(workdir / "out"), "--search-time", SEARCH_TIME, "--json", *extra]
+            "-o", str(workdir / "out"), "--search-time", search_time, "--json", *extra]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-3000:]
     report = json.loads(result.stdout)
@@ -109,7 +109,9 @@ def ocr(tmp_path_factory, profile):
 
 @pytest.fixture(scope="module")
 def notes_default(tmp_path_factory, profile):
-    return _build("basic-pitch", tmp_path_factory, profile)
+    """Only the float fallbacks (a search time of 1 s): what is tested here is the default metric's
+    verdict and warning; the whole search runs with the user's metric below."""
+    return _build("basic-pitch", tmp_path_factory, profile, search_time="1s")
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +220,6 @@ def test_notes_with_your_own_metric_round_trip(notes_own_metric):
     assert onset_f1(notes_own_metric.fp32, notes_own_metric.compiled, notes_own_metric.data) == \
         pytest.approx(q["compiled"], abs=1e-9)
     _never_a_collapse(notes_own_metric)
-
-
-def test_your_own_metric_is_no_less_compressed_than_the_default(notes_default, notes_own_metric):
-    """The task metric lets through what the strict default refuses, never the other way round."""
-    assert notes_own_metric.report["download_bytes"] <= notes_default.report["download_bytes"] * 1.02
 
 
 # --- warnings and failures, on the same real models ------------------------------------------------------
