@@ -175,11 +175,12 @@ def _fallback_note(c: Compiled) -> None:
     metric = c.search.metric.name
     smaller = [r for r in c.search.results if rank[precision_of(r)] < rank[shipped]]
     measured = sorted((r for r in smaller if r.error is None and not r.ok), key=lambda r: -r.quality)
-    closest = [f"{r.label}: {metric} {r.quality:.4f} ({'; '.join(r.misses)})" for r in measured[:FALLBACK_SHOWN]]
+    missed = [f"{r.label}: {metric} {r.quality:.4f} ({'; '.join(r.misses)})" for r in measured]
+    missed += [f"{r.label}: {r.error}" for r in smaller if r.error is not None]  # those that could not be built
+    closest = missed[:FALLBACK_SHOWN]
     slower = [f"{r.label} {r.latency_ms:.2f} ms" for r in smaller if r.ok and r.clearly_slower]
-    failed = sum(r.error is not None for r in smaller)
     why = " / ".join(closest + ([f"clearly slower than fp32 here: {', '.join(slower)}"] if slower else []))
-    more = len(measured) - len(closest) + failed
+    more = len(missed) - len(closest)
     c.notes.append(f"no {c.profile.precision} candidate fit, so the bundle holds the {shipped} model "
                    f"(fp32 {metric} {c.search.fp32_quality:.4f}); the closest: {why or 'none could be built'}"
                    + (f"; {more} more in the candidate table" if more else ""))
