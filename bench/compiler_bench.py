@@ -84,7 +84,7 @@ def _own_metric(name: str):
     return getattr(module, function)
 
 
-def _measure(model_bytes: bytes, evaluation, metric, reference: dict, threads: int, own) -> dict:
+def _measure(model_bytes: bytes, evaluation, metric, reference: dict, threads: int, own=None) -> dict:
     sess = measure.session(model_bytes, threads)
     outputs = dict(zip(reference, measure.run_dataset(sess, evaluation)))
     data = {k: v[: len(next(iter(outputs.values())))] for k, v in evaluation.extras.items()}

@@ -57,7 +57,7 @@ def bench_model(name: str, profile: str, workdir: Path) -> dict:
     plain_path = workdir / f"{name}-plain.onnx"
     started = time.perf_counter()
     try:
-        cb._plain_ort(example.onnx, calib, plain_path)
+        cb._plain_ort_static(example.onnx, calib, plain_path)
         plain_s = time.perf_counter() - started
         plain = cb._measure(plain_path.read_bytes(), *measure_args)
         plain["compile_s"] = plain_s
