@@ -1,20 +1,40 @@
-"""The embedded MQTT broker (amqtt): the zero-setup default of `edgeops fleet serve`.
+"""The broker `edgeops fleet serve` runs when no `--broker` is given: a private Mosquitto, configured
+by fleet/mosquitto.py (mutual TLS with the fleet CA, per-device ACL, CRL) in the fleet's `broker/`
+folder, with persistence there.
 
-It runs its own asyncio loop in a daemon thread, so the rest of the fleet stays synchronous. For
-production fleets point `--broker` at Mosquitto (or any MQTT 3.1.1 broker) and use the generated
-password and ACL files; the embedded broker allows anonymous clients on the address it binds.
+Mosquitto replaced the embedded amqtt broker, which could not be made as strict: amqtt delivered
+every retained message on the broker to any new subscription, granted a device's subscription to
+another device's topics, and ignored persistent sessions (docs/security.md).
+
+Invariants: the broker runs only while `fleet serve` does (on Linux even if it is killed), as the same user; `refresh()` rewrites
+its files from the registry and the CA and reloads it (SIGHUP: new CRL and ACL), and restarts it
+when a device was revoked, so a revoked device's open connection is closed too (every other client
+reconnects to its persisted session).
 """
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
+import getpass
 import logging
+import os
+import shutil
+import signal
 import socket
-import threading
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edgeops.fleet import mosquitto
+from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol.errors import EdgeopsError
 
+if TYPE_CHECKING:
+    from edgeops.fleet.home import FleetHome
+
 log = logging.getLogger(__name__)
+START_TIMEOUT_S = 10.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,51 +44,85 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883):
-        self.host, self.port = host, port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="edgeops-broker", daemon=True)
-        self._error: BaseException | None = None
-        self._started = threading.Event()  # set once listening, or once starting failed
+def mosquitto_binary() -> str:
+    """The path of the `mosquitto` program; a one-line instruction if it is not installed."""
+    found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
+                                                          "/opt/homebrew/sbin/mosquitto") if Path(p).exists()), None)
+    if found is None:
+        raise EdgeopsError("Mosquitto is not installed: `apt-get install mosquitto` (Debian, Ubuntu) or "
+                           "`brew install mosquitto`, or give `--broker mqtts://HOST:PORT` of a broker you run")
+    return found
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise EdgeopsError(f"embedded broker did not start listening on {self.host}:{self.port}")
-        if self._error is not None:
-            raise EdgeopsError(f"embedded broker failed to start on {self.host}:{self.port}: {self._error}")
+class ManagedBroker:
+    """A private Mosquitto for one fleet, listening where the fleet's broker URL says."""
+
+    def __init__(self, home: FleetHome, bind: str | None = None, ingest_workers: int = 0):
+        self.home, self.ingest_workers = home, ingest_workers
+        address = mqttlib.BrokerAddress.parse(home.broker_url)
+        self.port = address.port
+        self.bind = bind or address.host
+        self.folder = home.path / "broker"
+        self.log_path = self.folder / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _write(self) -> Path:
+        extra = ["persistence true", f"persistence_location {self.folder.resolve()}/",
+                 f"log_dest file {self.log_path.resolve()}", "log_type error", "log_type warning", "log_type notice",
+                 f"user {getpass.getuser()}"]  # Mosquitto started as root would otherwise switch to user mosquitto
+        return mosquitto.write_config(self.home, self.folder, self.bind, self.ingest_workers, extra)["conf"]
+
+    def start(self) -> "ManagedBroker":
+        binary = mosquitto_binary()
+        conf = self._write()
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _listening(self.bind, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise EdgeopsError(f"Mosquitto did not start on {self.bind}:{self.port}: {self._log_tail()}")
+            time.sleep(0.05)
+        log.info("Mosquitto %d listening on %s:%d (TLS, client certificates)", self.proc.pid, self.bind, self.port)
         return self
 
+    def refresh(self, restart: bool) -> None:
+        """Rewrite the files and reload them; restart instead when a connection must be closed."""
+        if restart:
+            self.stop()
+            self.start()
+            return
+        self._write()
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGHUP)
+
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # Mosquitto saves its persistence file on SIGTERM
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
-    def _run(self) -> None:
-        from amqtt.broker import Broker
-
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            broker = Broker({
-                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-            })
-            await broker.start()
-            self._started.set()
-            await self._stop.wait()
-            await broker.shutdown()
-
+    def _log_tail(self) -> str:
         try:
-            asyncio.run(main())
-        except BaseException as exc:  # reported to start() or logged: the thread must not die silently
-            self._error = exc
-            log.error("embedded broker stopped: %s", exc)
-        finally:
-            self._started.set()
+            return " ".join(self.log_path.read_text().splitlines()[-3:]) or "no log"
+        except OSError:
+            return "no log"
+
+
+def _die_with_parent() -> None:
+    """In the broker's process before exec: SIGTERM it when `fleet serve` dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() still stops it on every clean exit
+        pass
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False

@@ -1,14 +1,16 @@
 """The fleet's home directory and the operator's actions on it: init, enroll, push.
 
 Layout:
-    fleet.json     settings: broker URL, metadata lifetimes, the HTTP API's bearer token, the fleet's
-                   broker username and password (mode 0600)
-    registry.db    devices, releases, executions (edgeops.fleet.registry)
+    fleet.json     settings: broker URL and the names it is reached by, metadata lifetimes, the HTTP
+                   API's bearer token (mode 0600)
+    registry.db    devices, releases, executions, certificates (edgeops.fleet.registry)
     repo/          the TUF repository: metadata/, targets/, keys/ (edgeops.fleet.trust)
+    pki/           the fleet CA, the broker's and the fleet's own certificates, the CRL (edgeops.fleet.ca)
 
 Invariants: a release exists in the registry only after its bundles are signed into the repository,
-so a device never hears of a release it cannot fetch and verify. A device's broker password exists
-only in its device.json (mode 0600); the fleet keeps its hash (edgeops.fleet.mosquitto).
+so a device never hears of a release it cannot fetch and verify. A device's private key exists only
+in its device folder (mode 0600); the registry keeps its certificate's serial and expiry. The CRL
+is rewritten in the same step as every revocation.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeops.fleet import mosquitto, registry, trust
+from edgeops.fleet import ca, registry, trust
 from edgeops.fleet.plan import Plan
 from edgeops.protocol import bundle as bundlemod
+from edgeops.protocol import certs
+from edgeops.protocol.mqtt import BrokerAddress, TlsFiles
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import load_profile
 
 CONFIG = "fleet.json"
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_BROKER = "mqtts://127.0.0.1:8883"
 DEFAULT_LIFETIMES = {"root": 365 * 86400, "targets": 90 * 86400, "snapshot": 7 * 86400, "timestamp": 86400}
 
 
@@ -46,6 +50,18 @@ class FleetHome:
     @property
     def repo(self) -> Path:
         return self.path / "repo"
+
+    @property
+    def pki(self) -> Path:
+        return self.path / "pki"
+
+    @property
+    def broker_url(self) -> str:
+        return self.config["broker"]
+
+    def client_tls(self, name: str = "fleet") -> TlsFiles:
+        """The TLS files of one of the fleet's own MQTT clients: `fleet`, or `ingest-N`."""
+        return TlsFiles(self.pki / "ca.pem", self.pki / f"{name}.pem", self.pki / f"{name}.key")
 
     @contextlib.contextmanager
     def repo_lock(self) -> Iterator[None]:
@@ -70,16 +86,21 @@ class FleetHome:
         return cls(path, config)
 
 
-def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[str, int] | None = None) -> FleetHome:
-    """Create the fleet directory: registry, TUF repository with fresh keys, settings."""
+def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[str, int] | None = None,
+               broker_hosts: list[str] | None = None) -> FleetHome:
+    """Create the fleet directory: registry, TUF repository with fresh keys, the fleet CA with the
+    broker's certificate (for the broker URL's host and `broker_hosts`) and the fleet's, settings."""
     path = Path(path)
     if (path / CONFIG).exists():
         raise EdgeopsError(f"{path} already holds a fleet; pick an empty directory")
+    address = BrokerAddress.parse(broker)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"broker": broker, "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})},
-              "api_token": secrets.token_urlsafe(32),
-              "username": mosquitto.FLEET_USER, "password": mosquitto.new_password()}
+    config = {"broker": broker, "broker_hosts": _broker_names(address.host, broker_hosts or []),
+              "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})}, "api_token": secrets.token_urlsafe(32)}
     home = FleetHome(path, config)
+    ca.create_ca(home.pki)
+    issue_broker_certificate(home)
+    ca.write_issued(ca.issue(home.pki, ca.FLEET_CN, ca.CA_DAYS), home.pki / "fleet.pem", home.pki / "fleet.key")
     trust.init_repository(home.repo, home.expiry())
     registry.open_db(home.db_path).conn.close()
     bundlemod.atomic_write(path / CONFIG, bundlemod.canonical_json(config))
@@ -87,23 +108,70 @@ def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[s
     return home
 
 
+def _broker_names(url_host: str, extra: list[str]) -> list[str]:
+    """The names the broker's certificate covers: the URL's host, the operator's, and loopback."""
+    names = [url_host, *extra, "localhost", "127.0.0.1"]
+    return list(dict.fromkeys(n.strip() for n in names if n.strip()))
+
+
+def issue_broker_certificate(home: FleetHome, broker_hosts: list[str] | None = None) -> list[str]:
+    """(Re-)issue the broker's server certificate for the fleet's broker names plus `broker_hosts`;
+    returns the names it covers. Restart (or reload) the broker to serve it."""
+    names = _broker_names(BrokerAddress.parse(home.broker_url).host, [*home.config.get("broker_hosts", []), *(broker_hosts or [])])
+    ca.write_issued(ca.issue(home.pki, "edgeops broker", ca.SERVER_DAYS, server_names=names),
+                    home.pki / "broker.pem", home.pki / "broker.key")
+    if names != home.config.get("broker_hosts"):
+        home.config["broker_hosts"] = names
+        bundlemod.atomic_write(home.path / CONFIG, bundlemod.canonical_json(home.config), mode=0o600)
+    return names
+
+
+DEVICE_TLS = {"ca": "tls/ca.pem", "cert": "tls/device.pem", "key": "tls/device.key"}  # in the device folder
+
+
 def enroll_device(home: FleetHome, device_id: str, profile: str, labels: dict[str, str], out: Path,
-                  agent: dict[str, Any] | None = None) -> Path:
-    """Register a device and write what its agent needs: settings, broker credentials, pinned root
-    metadata, and `agent` settings (docs/agent.md: outbox_bytes, metrics_interval_s, drift_window, capture)."""
+                  agent: dict[str, Any] | None = None, cert_days: int = ca.DEVICE_DAYS,
+                  re_enroll: bool = False) -> Path:
+    """Register a device and write what its agent needs: settings, its certificate and key with the
+    fleet CA to pin, pinned root metadata, and `agent` settings (docs/agent.md: outbox_bytes,
+    metrics_interval_s, drift_window, capture). A revoked id comes back only with `re_enroll`."""
     load_profile(profile)  # an unknown profile fails here, not on the device
     out = Path(out)
     if (out / "device.json").exists():
         raise EdgeopsError(f"{out} already holds a device configuration")
     db = registry.open_db(home.db_path)
-    password = mosquitto.new_password()
-    registry.enroll(db, device_id, profile, labels, mosquitto.hash_password(password))
-    out.mkdir(parents=True, exist_ok=True)
+    registry.check_enrollable(db, device_id, re_enroll)
+    issued = ca.issue(home.pki, device_id, cert_days)
+    (out / "tls").mkdir(parents=True, exist_ok=True)
+    bundlemod.atomic_write(out / DEVICE_TLS["ca"], (home.pki / "ca.pem").read_bytes())
+    ca.write_issued(issued, out / DEVICE_TLS["cert"], out / DEVICE_TLS["key"])
     bundlemod.atomic_write(out / "root.json", trust.read_metadata(home.repo, "root.json"))
-    device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.config["broker"],
-              "username": device_id, "password": password, **({"agent": agent} if agent else {})}
-    bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device), mode=0o600)  # holds a password
+    registry.enroll(db, device_id, profile, labels, issued.cert, re_enroll)
+    device = {"id": device_id, "profile": profile, "labels": labels, "broker": home.broker_url, "tls": DEVICE_TLS,
+              **({"agent": agent} if agent else {})}
+    bundlemod.atomic_write(out / "device.json", bundlemod.canonical_json(device))
     return out
+
+
+def revoke_device(home: FleetHome, device_id: str, reason: str = "") -> list[int]:
+    """Revoke a device: out of the registry's devices and every rollout, its certificates on the CRL.
+    Returns the revoked serials. The broker refuses it from its next CRL load on."""
+    db = registry.open_db(home.db_path)
+    serials = registry.revoke(db, device_id, reason)
+    ca.write_crl(home.pki, registry.revoked_serials(db))
+    return serials
+
+
+def renew_device(home: FleetHome, device_id: str, days: int = ca.DEVICE_DAYS) -> bytes:
+    """A new certificate for an enrolled device's existing key, recorded in the registry; `fleet
+    serve` sends it to the device (retained, on its `cert` topic), which checks it against its pinned CA."""
+    db = registry.open_db(home.db_path)
+    current = registry.latest_certificates(db).get(device_id)
+    if current is None:
+        raise EdgeopsError(f"no enrolled device {device_id}; `edgeops status` lists them")
+    issued = ca.issue(home.pki, device_id, days, public_key=certs.public_key(current["pem"].encode()))
+    registry.add_certificate(db, device_id, issued.cert)
+    return issued.cert
 
 
 def push(home: FleetHome, bundle_paths: list[Path], selector: dict[str, str], targets_key: Path | None = None,

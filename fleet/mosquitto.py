@@ -1,41 +1,35 @@
-"""Broker access control for Mosquitto 2: each device may publish and subscribe only under its own id.
+"""Mosquitto 2 configuration for a fleet: mutual TLS with the fleet CA, identities from certificates,
+each device confined to its own topics.
 
-`edgeops fleet mosquitto-config` writes three files into one folder:
-    passwd          `USERNAME:$7$ITERATIONS$SALT$HASH` per line (Mosquitto 2's PBKDF2-HMAC-SHA512 format,
-                    standard base64): the fleet user, then every enrolled device; mode 0600
+`edgeops fleet mosquitto-config` (and `fleet serve`, for the broker it runs) writes two files:
     acl             the fleet user reads and writes every device topic and writes the target streams;
-                    with `ingest_workers`, each ingest worker's user (`edgeops fleet ingest --worker N`)
-                    only reads telemetry, also through a shared subscription, and writes acks;
-                    through `pattern` lines (%u, the username, is the device id) a device may only
-                    publish its `wire.DEVICE_PUBLISHES` leaves and only read its `wire.DEVICE_SUBSCRIBES`
-                    leaves, under its own id, and read (never write) the target streams
-    mosquitto.conf  a listener that refuses anonymous clients and uses the two files above
+                    each ingest worker (`edgeops fleet ingest --worker N`) only reads telemetry, also
+                    through a shared subscription, and writes acks; through `pattern` lines (%u, the
+                    username, is the device id) a device may only publish its `wire.DEVICE_PUBLISHES`
+                    leaves and only read its `wire.DEVICE_SUBSCRIBES` leaves, under its own id, and
+                    read (never write) the target streams; a revoked device is denied everything
+    mosquitto.conf  one TLS listener (8883 by default) that requires a client certificate from the
+                    fleet CA, checks it against the fleet's CRL, takes the username from its CN, and
+                    uses the ACL above; no plaintext listener
 
 Invariants:
-- The fleet never stores a device's password, only its salted hash (registry `credentials`); the
-  password is written once, into the device's device.json. The fleet user's password is kept in
-  fleet.json (mode 0600) because the fleet server logs in with it; its hash is derived here.
-- A device's username is its id. FLEET_USER starts with '_', which `wire.DEVICE_ID` forbids, so no
-  device can be enrolled under the fleet's name, nor under an ingest worker's.
-- Ingest worker N logs in as `_edgeops-fleet-ingest-N` with a password derived from the fleet's
-  (HMAC-SHA256), so a worker needs only fleet.json and no new secret is stored; the broker knows
-  workers 1..`ingest_workers` of the last `write_config`, and no others.
-- The listener sets `use_username_as_clientid`: a client's id is its username, so one device cannot
-  evict another by connecting with its client id, nor inherit its session. Each credential therefore
-  runs one client at a time.
+- Identity is the certificate: `use_identity_as_username` makes the CN the username, and
+  `use_username_as_clientid` the client id, so one device cannot evict another by connecting with
+  its client id, nor inherit its session; each certificate runs one client at a time.
+- The fleet's own clients have CNs starting with '_', which `wire.DEVICE_ID` forbids, so no device
+  can be enrolled under the fleet's name, nor under an ingest worker's.
+- The files are derived from the registry and the CA alone: writing them again (after an
+  enrollment, a revocation, more ingest workers) never brings a revoked device back.
+- A reload (SIGHUP) rereads the CRL and the ACL: a revoked device is refused at its next handshake
+  and denied every topic at once, but keeps its current TCP connection until the broker restarts.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeops.fleet import registry
+from edgeops.fleet import ca, registry
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import atomic_write
@@ -44,11 +38,7 @@ from edgeops.protocol.errors import EdgeopsError
 if TYPE_CHECKING:
     from edgeops.fleet.home import FleetHome
 
-FLEET_USER = "_edgeops-fleet"
-# Mosquitto's own default (mosquitto_passwd). Passwords are 192-bit random secrets, out of reach of a
-# guessing attack at any iteration count; more rounds would only cost broker CPU on every connect.
-ITERATIONS = 101
-SALT_BYTES = 12
+FLEET_USER = ca.FLEET_CN
 # Broker limits for a fleet: the fleet's clients hold unacknowledged messages until their
 # transaction commits, so a fleet's worth of telemetry batches (devices x the agent's 4 in flight)
 # must fit in the broker's per-client queue and in-flight window (Mosquitto's defaults: 1000 and 20;
@@ -60,83 +50,78 @@ MAX_QUEUED_BYTES = 128 * 2**20
 MAX_INFLIGHT_MESSAGES = 1000
 
 
-def new_password() -> str:
-    """A random broker password (192 bits, URL-safe text)."""
-    return secrets.token_urlsafe(24)
-
-
-def hash_password(password: str, salt: bytes | None = None, iterations: int = ITERATIONS) -> str:
-    """The `$7$` hash Mosquitto 2 checks passwords against (PBKDF2-HMAC-SHA512, 64-byte key)."""
-    salt = os.urandom(SALT_BYTES) if salt is None else salt
-    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
-
-
-def worker_credentials(home: FleetHome, worker: int) -> tuple[str, str]:
-    """The broker username and password of ingest worker number `worker` (from 1)."""
+def worker_name(worker: int) -> str:
+    """The certificate name (and broker username) of ingest worker number `worker` (from 1)."""
     if worker < 1:
         raise EdgeopsError(f"ingest worker numbers start at 1, not {worker}")
-    secret = home.config.get("password")
-    if not secret:
-        raise EdgeopsError(f"{home.path}/fleet.json has no broker credentials; it predates them, so create "
-                           "a new fleet with `edgeops fleet init`")
-    username = f"{FLEET_USER}-ingest-{worker}"
-    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha256).digest()
-    return username, base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return f"ingest-{worker}"
 
 
-def acl_text(fleet_user: str = FLEET_USER, ingest_workers: int = 0) -> str:
-    """The ACL file: device rules as patterns over the username, then the fleet's users' rules."""
-    lines = ["# edgeops broker ACL (generated by `edgeops fleet mosquitto-config`).",
-             "# Devices: %u is the username, which is the device id."]
+def ensure_worker_certificates(home: FleetHome, ingest_workers: int) -> None:
+    """Issue the client certificates of ingest workers 1..`ingest_workers` that do not exist yet."""
+    for n in range(1, ingest_workers + 1):
+        name = worker_name(n)
+        if not (home.pki / f"{name}.pem").exists():
+            ca.write_issued(ca.issue(home.pki, f"{FLEET_USER}-{name}", ca.CA_DAYS), home.pki / f"{name}.pem",
+                            home.pki / f"{name}.key")
+
+
+def acl_text(revoked: list[str], ingest_workers: int = 0) -> str:
+    """The ACL file: revoked devices denied, device rules as patterns over the username, then the fleet's users' rules."""
+    lines = ["# edgeops broker ACL (generated by `edgeops fleet mosquitto-config`).", "# Revoked devices: nothing."]
+    for device_id in revoked:
+        lines += [f"user {device_id}", "topic deny #"]
+    lines += ["", "# Devices: %u is the username, which is the certificate's CN, the device id."]
     lines += [f"pattern write {wire.PREFIX}/%u/{leaf}" for leaf in wire.DEVICE_PUBLISHES]
     lines += [f"pattern read {wire.PREFIX}/%u/{leaf}" for leaf in wire.DEVICE_SUBSCRIBES]
     lines += ["# Target streams: every device may receive them (bundles are signed, not secret among the fleet).",
               f"pattern read {wire.STREAMS}/#"]
-    lines += ["", "# The fleet server.", f"user {fleet_user}", f"topic readwrite {wire.PREFIX}/#",
+    lines += ["", "# The fleet server.", f"user {FLEET_USER}", f"topic readwrite {wire.PREFIX}/#",
               f"topic write {wire.STREAMS}/#"]
     for worker in range(1, ingest_workers + 1):
-        lines += ["", f"user {fleet_user}-ingest-{worker}", f"topic read {wire.PREFIX}/+/telemetry",
+        lines += ["", f"user {FLEET_USER}-{worker_name(worker)}", f"topic read {wire.PREFIX}/+/telemetry",
                   f"topic write {wire.PREFIX}/+/acks"]
     return "\n".join(lines) + "\n"
 
 
-def write_config(home: FleetHome, out: str | Path, bind: str | None = None, ingest_workers: int = 0) -> dict[str, Path]:
-    """Write `passwd`, `acl` and `mosquitto.conf` for the fleet into `out`, with logins for
-    `ingest_workers` ingest workers (fleet/ingest.py); returns their paths.
+def write_config(home: FleetHome, out: str | Path, bind: str | None = None, ingest_workers: int = 0,
+                 extra: list[str] | None = None) -> dict[str, Path]:
+    """Write `acl` and `mosquitto.conf` for the fleet into `out` (with certificates for
+    `ingest_workers` ingest workers, fleet/ingest.py), re-signing the CRL; returns their paths.
 
     The listener's port is the one of the fleet's broker URL; it binds `bind` (default: every
-    interface). Run again after enrolling devices, then reload Mosquitto (SIGHUP) to let them in.
+    interface). `extra` lines are appended to the configuration (persistence, logging).
+    Run again after a revocation, then reload Mosquitto (SIGHUP).
     """
-    username, password = home.config.get("username"), home.config.get("password")
-    if not username or not password:
-        raise EdgeopsError(f"{home.path}/fleet.json has no broker credentials; it predates them, so create "
-                           "a new fleet with `edgeops fleet init`")
-    port = mqttlib.BrokerAddress.parse(home.config["broker"]).port
+    address = mqttlib.BrokerAddress.parse(home.broker_url)
+    if not address.tls:
+        raise EdgeopsError(f"the fleet's broker URL {home.broker_url} is plaintext; Mosquitto is configured for mqtts:// only")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    users = {username: hash_password(password),
-             **dict(_hashed(worker_credentials(home, n)) for n in range(1, ingest_workers + 1)),
-             **registry.password_hashes(registry.open_db(home.db_path))}
-    files = {"passwd": out / "passwd", "acl": out / "acl", "conf": out / "mosquitto.conf"}
+    pki = home.pki.resolve()
+    db = registry.open_db(home.db_path)
+    ensure_worker_certificates(home, ingest_workers)
+    ca.write_crl(pki, registry.revoked_serials(db))
+    files = {"acl": out / "acl", "conf": out / "mosquitto.conf"}
     conf = [
         "# edgeops broker settings (generated by `edgeops fleet mosquitto-config`).",
-        f"listener {port}{' ' + bind if bind else ''}",
+        f"listener {address.port}{' ' + bind if bind else ''}",
+        f"cafile {pki / 'ca.pem'}",
+        f"certfile {pki / 'broker.pem'}",
+        f"keyfile {pki / 'broker.key'}",
+        f"crlfile {pki / 'crl.pem'}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
         "use_username_as_clientid true",
         "allow_anonymous false",
         "set_tcp_nodelay true",  # small request/answer packets: Nagle would add ~40 ms to each
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
-        f"password_file {files['passwd']}",
         f"acl_file {files['acl']}",
+        *(extra or []),
     ]
-    # Owner-only: if the broker runs as another user, the operator hands the file over to it.
-    atomic_write(files["passwd"], "".join(f"{user}:{digest}\n" for user, digest in users.items()).encode(), mode=0o600)
-    atomic_write(files["acl"], acl_text(username, ingest_workers).encode())
+    atomic_write(files["acl"], acl_text(registry.revoked_ids(db), ingest_workers).encode())
     atomic_write(files["conf"], ("\n".join(conf) + "\n").encode())
     return files
-
-
-def _hashed(credentials: tuple[str, str]) -> tuple[str, str]:
-    return credentials[0], hash_password(credentials[1])

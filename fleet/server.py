@@ -17,11 +17,17 @@ Invariants:
   (`edgeops fleet ingest`, fleet/ingest.py) take their part of it; everything else stays here.
 - A malformed message is logged and dropped; no message can stop the server.
 - Online TUF metadata (snapshot, timestamp) is re-signed before it expires.
+- Each enrolled device's newest certificate is its retained `cert` message (a renewal reaches it
+  over its existing connection; it checks the CA signature, so the fleet is not trusted for it).
+- With a broker it runs (fleet/broker.py), a certificate issued or revoked since the last round
+  makes the broker reload its CRL and ACL, and a revocation restarts it, which closes the revoked
+  device's connection, within one round (ENGINE_S).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +37,9 @@ import paho.mqtt.client as mqtt
 
 from edgeops.fleet import hooks, ingest, registry, rollout, telemetry, trust
 from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
+from edgeops.fleet.broker import ManagedBroker
 from edgeops.fleet.home import CONFIG, FleetHome, withdraw_rolled_back
+from edgeops.fleet.mosquitto import FLEET_USER
 from edgeops.fleet.streams import Streams
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
@@ -49,6 +57,7 @@ class FleetServer:
     broker_url: str
     on_drift: str | None = None  # shell command run once per model version flagged for retraining (fleet/hooks.py)
     share: str | None = None  # shared-subscription group for telemetry, with the ingest workers (fleet/ingest.py)
+    broker: ManagedBroker | None = None  # the broker `fleet serve` runs, refreshed on enrollments and revocations
 
     def __post_init__(self) -> None:
         self.db = ingest.open_registry(self.home)
@@ -59,8 +68,9 @@ class FleetServer:
         self._targets: dict[str, bytes] = {}
         self._stop = threading.Event()
         self.connected = threading.Event()
-        self.client = mqttlib.client("edgeops-fleet", self.broker_url,
-                                     self.home.config.get("username"), self.home.config.get("password"))
+        self._certs: dict[str, str] = {}  # device -> serial of the certificate last published
+        self._identities = registry.identities_generation(self.db)
+        self.client = mqttlib.client(FLEET_USER, self.broker_url, self.home.client_tls())
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -93,7 +103,8 @@ class FleetServer:
         client.subscribe(self._subscriptions)
         if self.share is not None:  # a session persisted from a run without --share would get every message too
             client.unsubscribe(ingest.telemetry_filter())
-        self._published.clear()  # republish every desired message after a (re)connect
+        self._published.clear()  # republish every desired message and certificate after a (re)connect
+        self._certs.clear()
         self._generation = None
         self.connected.set()
 
@@ -161,6 +172,28 @@ class FleetServer:
                 self._published[device_id] = payload
         self._generation = generation
 
+    def publish_certificates(self) -> None:
+        """Publish (retained) each device's newest certificate where it changed since last published."""
+        with self._db_lock:
+            latest = registry.latest_certificates(self.db)
+        for device_id, cert in latest.items():
+            if self._certs.get(device_id) != cert["serial"]:
+                self.client.publish(wire.topic(device_id, "cert"), cert["pem"].encode(), qos=1, retain=True)
+                self._certs[device_id] = cert["serial"]
+
+    def _follow_identities(self) -> None:
+        """Reload the broker this server runs after certificates were issued or revoked."""
+        with self._db_lock:
+            now = registry.identities_generation(self.db)
+        if now == self._identities:
+            return
+        revoked = now[2] != self._identities[2]
+        self._identities = now
+        if self.broker is not None:
+            log.warning("certificates %s: %s the broker", "revoked" if revoked else "issued",
+                        "restarting" if revoked else "reloading")
+            self.broker.refresh(restart=revoked)
+
     def _withdraw(self) -> None:
         """Unsign the bundles of rolled-back rollouts, so devices accept their previous release again."""
         try:
@@ -184,8 +217,10 @@ class FleetServer:
                         with self._db_lock:
                             rollout.tick(self.db)
                             self._withdraw()
+                        self._follow_identities()
                         next_engine = time.monotonic() + ENGINE_S
                     self.publish_desired()
+                    self.publish_certificates()
                     if time.time() >= next_refresh:
                         with self.home.repo_lock():
                             trust.refresh_online(self.home.repo, self.home.expiry())
@@ -200,27 +235,26 @@ class FleetServer:
 
 
 def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_drift: str | None = None,
-          share: str | None = None) -> None:
-    """Run until interrupted: the embedded broker unless `broker_url` is given, the fleet server
-    (running `on_drift` for each model version flagged for retraining; taking telemetry through the
-    shared subscription of group `share` if given), and the operators' HTTP API on `http` (HOST:PORT)."""
-    from edgeops.fleet.broker import EmbeddedBroker
-
+          share: str | None = None, api_options: dict | None = None) -> None:
+    """Run until interrupted: a private Mosquitto (fleet/broker.py) unless `broker_url` is given, the
+    fleet server (running `on_drift` for each model version flagged for retraining; taking telemetry
+    through the shared subscription of group `share` if given), and the operators' HTTP API on `http` (HOST:PORT)
+    with `api_options` (ApiServer's TLS, allowed hosts and open reads)."""
     home = FleetHome.open(home_dir)
     ingest.telemetry_filter(share)  # a bad group name fails before anything starts
-    api = ApiServer(home, http)  # binds now: a taken port fails before anything starts
+    api = ApiServer(home, http, **(api_options or {}))  # binds now: a taken port or bad certificate fails first
     broker = None
     if broker_url is None:
-        address = mqttlib.BrokerAddress.parse(home.config["broker"])
-        broker = EmbeddedBroker(address.host, address.port).start()
-        broker_url = broker.url
-    server = FleetServer(home, broker_url, on_drift, share).start()
+        broker = ManagedBroker(home).start()
+        broker_url = home.broker_url
+    server = FleetServer(home, broker_url, on_drift, share, broker).start()
     api.start()
     log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s)",
                 home_dir, broker_url, api.url, home.path / CONFIG)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager's stop: shut down as on Ctrl-C
     try:
-        while True:
-            time.sleep(3600)
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:

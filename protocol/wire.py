@@ -26,7 +26,7 @@ STREAMS = "edgeops/v1/streams"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The leaves a device publishes and the ones it subscribes to, under its own id only (the broker ACL).
 DEVICE_PUBLISHES = ("state", "fetch", "telemetry")
-DEVICE_SUBSCRIBES = ("desired", "blocks", "acks")
+DEVICE_SUBSCRIBES = ("desired", "blocks", "acks", "cert")
 MAX_BLOCK = 128 * 1024
 MAX_JSON_PAYLOAD = 64 * 1024
 MAX_TELEMETRY_PAYLOAD = 256 * 1024
