@@ -10,7 +10,11 @@ Invariants:
 - every call, served, refused by the runtime or refused as invalid input, is handed to `observe`
   (the outbox recorder) after the answer is computed, without waiting on disk: what the device
   records never slows what it serves. Refused inputs count as errors: after an update, a model
-  whose inputs the apps cannot meet is failing them, and the fleet's health gates must see that.
+  whose inputs the apps cannot meet is failing them, and the fleet's health gates must see that;
+- floating-point inputs holding NaN or ±Infinity are refused unless `Limits.allow_nonfinite`;
+- every bound on what one request may ask of the agent is a field of `Limits`, set from device.json
+  (docs/agent.md, "Limits"); the HTTP API (agent/http_api.py) enforces the size bounds before it
+  allocates anything a request declares.
 """
 
 from __future__ import annotations
@@ -35,8 +39,27 @@ class InvalidInput(EdgeopsError):
     """The request does not fit the model's inputs (HTTP 400)."""
 
 
+class TooLarge(EdgeopsError):
+    """The request is over one of the agent's Limits (HTTP 413)."""
+
+
 class NoModel(EdgeopsError):
     """No model is installed yet (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one inference request may ask of the agent: device.json "agent" settings of the same names."""
+
+    max_batch: int = 1024  # samples (the first dimension of each input) per request
+    max_input_bytes: int = 8 * 1024 * 1024  # a request's arrays, decoded, all inputs together
+    max_concurrent: int = 4  # requests read and run at once; more wait briefly, then get 429
+    allow_nonfinite: bool = False  # accept NaN and ±Infinity in floating-point inputs
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("max_batch", 1, 2**31), ("max_input_bytes", 1024, 2**40), ("max_concurrent", 1, 1024)):
+            if not low <= getattr(self, name) <= high:
+                raise EdgeopsError(f"agent.{name} must be {low} to {high}, not {getattr(self, name)}; fix device.json")
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,9 @@ class Observation(NamedTuple):
 
 
 class Serving:
-    def __init__(self, observe: Callable[[Observation], None] | None = None, threads: int = 1):
+    def __init__(self, observe: Callable[[Observation], None] | None = None, threads: int = 1,
+                 limits: Limits = Limits()):
+        self.limits = limits
         self._served: Served | None = None
         self._observe = observe
         self._threads = threads
@@ -96,16 +121,20 @@ class Serving:
         self._served = Served(active.manifest, model, active.slot, inputs, bundle.reference())
         log.info("serving %s %s from slot %s", active.manifest["name"], active.manifest["version"], active.slot)
 
+    def refused(self, served: Served, exc: InvalidInput) -> None:
+        """Record a request refused as invalid input (counted: a model whose inputs apps cannot meet is failing them)."""
+        if self._observe is not None:
+            self._observe(Observation(served, {}, None, 0.0, f"invalid input: {exc}", time.time()))
+
     def infer(self, feed: Mapping[str, Any]) -> tuple[Served, dict[str, np.ndarray]]:
         """Run the served model on `feed` (input name -> array); returns the model used and its outputs."""
         served = self._served  # taken once: a swap during this call does not affect it
         if served is None:
             raise NoModel("no model is installed yet; push a release to this device")
         try:
-            arrays = validate(feed, served.inputs)
-        except InvalidInput as exc:  # counted too: a model whose inputs apps cannot meet is failing them
-            if self._observe is not None:
-                self._observe(Observation(served, {}, None, 0.0, f"invalid input: {exc}", time.time()))
+            arrays = validate(feed, served.inputs, self.limits.allow_nonfinite)
+        except InvalidInput as exc:
+            self.refused(served, exc)
             raise
         start = time.perf_counter()
         error = outputs = None
@@ -121,7 +150,8 @@ class Serving:
                                           error, time.time()))
 
 
-def validate(feed: Mapping[str, Any], inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]]) -> dict[str, np.ndarray]:
+def validate(feed: Mapping[str, Any], inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]],
+             allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
     """The feed as arrays of the model's dtypes; InvalidInput naming the input and the reason.
 
     `inputs` maps each input name to its dtype and shape (None: a dimension of any size)."""
@@ -135,13 +165,19 @@ def validate(feed: Mapping[str, Any], inputs: dict[str, tuple[np.dtype, tuple[in
         value = feed[name]
         if type(value) is not np.ndarray or value.dtype != dtype:
             value = _as_array(name, value, dtype)
-        if value.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, value.shape)):
-            raise InvalidInput(f"input {name} has shape {list(value.shape)}, the model takes "
-                               f"{['N' if d is None else d for d in shape]}")
-        if value.size == 0:
-            raise InvalidInput(f"input {name} is empty")
+        check_shape(name, value.shape, shape)
+        if not allow_nonfinite and value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise InvalidInput(f"input {name} holds NaN or Infinity; send finite numbers (or set agent.allow_nonfinite)")
         arrays[name] = value
     return arrays
+
+
+def check_shape(name: str, got: tuple[int, ...], shape: tuple[int | None, ...]) -> None:
+    """InvalidInput unless `got` fits the model's `shape` (None: any size) and is not empty."""
+    if len(got) != len(shape) or any(d is not None and d != n for d, n in zip(shape, got)):
+        raise InvalidInput(f"input {name} has shape {list(got)}, the model takes {['N' if d is None else d for d in shape]}")
+    if 0 in got:
+        raise InvalidInput(f"input {name} is empty")
 
 
 def _as_array(name: str, value: Any, dtype: np.dtype) -> np.ndarray:
