@@ -37,7 +37,7 @@ from edgeops.agent.boots import DEFAULT_HEALTHY_AFTER_S, DEFAULT_LIMIT, BootGuar
 from edgeops.agent.metrics import DeviceMetrics
 from edgeops.agent.outbox import DEFAULT_MAX_BYTES, Outbox
 from edgeops.agent.partial import discard, disk_full
-from edgeops.agent.serving import Serving
+from edgeops.agent.serving import Limits, Serving
 from edgeops.agent.slots import SlotStore, failpoint
 from edgeops.agent.telemetry import Telemetry
 from edgeops.agent.transport import FetchError, Link
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 4 * 1024 * 1024
 RETRY_S = (1, 2, 5, 10, 30)
 
+STOP_S = 1.5  # the longest a stop waits for each telemetry thread (they see `stop` within a second)
 
 @dataclass(frozen=True)
 class DeviceConfig:
@@ -108,7 +109,10 @@ class Agent:
                                    self.config.option("drift_window", 500), self.config.option("capture", 0),
                                    float(self.config.option("forward_linger_s", 1.0)))
         self.link.on_ack = self.telemetry.acknowledged
-        self.serving = Serving(self.telemetry.observe)
+        defaults = Limits()
+        self.serving = Serving(self.telemetry.observe, limits=Limits(
+            *(self.config.option(name, getattr(defaults, name))
+              for name in ("max_batch", "max_input_bytes", "max_concurrent", "allow_nonfinite"))))
 
     def infer(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Run the active model on `feed` (input name -> array); the call is recorded for the fleet."""
@@ -164,7 +168,7 @@ class Agent:
                                     daemon=True)]
         for worker in workers:
             worker.start()
-        self.link.start()
+        self.link.start(stop)
         deadline = time.monotonic() + 30  # report once connected; stop stays responsive meanwhile
         while not stop.is_set() and not self.link.connected.wait(0.2) and time.monotonic() < deadline:
             pass
@@ -177,7 +181,7 @@ class Agent:
                 server.stop()
                 self._api_path.unlink(missing_ok=True)
             for worker in workers:
-                worker.join(timeout=10)
+                worker.join(timeout=STOP_S)
             self.link.stop()
 
     def _follow(self, stop: threading.Event) -> None:

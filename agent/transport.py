@@ -6,7 +6,9 @@ to the target's stream, then asks for the blocks it lacks (a bitmap), and stores
 that target the stream carries, whoever asked for them (docs/protocol.md). Progress is persisted
 block by block (agent/partial.py), so an agent restarted mid-download asks only for what it lacks
 (crash tests kill it after its Nth stored block with EDGEOPS_FAILPOINT=after:block:N). Nothing
-received here is trusted: the caller verifies all of it against signed metadata.
+received here is trusted: the caller verifies all of it against signed metadata. Stopping takes at
+most a few seconds whatever the network does: waits for the fleet give up (FetchError) as soon as
+the agent stops, and `stop` does not wait for paho longer than STOP_S.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 BLOCK_TIMEOUT_S = 10.0
 BLOCK_RETRIES = 5
 STREAM_QUIET_S = 2.0  # no new block of the target for this long: ask again for what is missing
+POLL_S = 0.2  # how often a wait for the fleet looks whether the agent is stopping
+STOP_S = 2.0  # the longest `stop` waits for paho's thread (a daemon: it cannot hold the process up)
 
 
 class FetchError(EdgeopsError):
@@ -53,8 +58,9 @@ class Link:
         self._stream_path: str | None = None  # the target being streamed in, if any
         self._stream: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
         self._subscribe_lock = threading.Lock()
-        self._subacks: dict[int, threading.Event] = {}
+        self._subacks: dict[int, queue.Queue[None]] = {}
         self.connected = threading.Event()
+        self._stopping = threading.Event()
         self.epoch = 0  # connections made so far: a new value means unacknowledged publishes may be lost
         self.on_ack: Callable[[list[int]], None] | None = None  # seqs of telemetry the fleet stored
         offline = wire.encode({"device": device_id, "online": False})
@@ -65,14 +71,33 @@ class Link:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
 
-    def start(self) -> "Link":
+    def start(self, stopping: threading.Event | None = None) -> "Link":
+        """Run paho's network thread; waits for the fleet give up once `stopping` (the agent's stop) is set."""
+        if stopping is not None:
+            self._stopping = stopping
         self.client.loop_start()
         return self
 
     def stop(self) -> None:
-        self.client.loop_stop()
+        """Disconnect, and let paho's thread end within STOP_S: with a broker that does not answer,
+        paho would otherwise hold on to its unacknowledged publishes until the keepalive gives up."""
+        self._stopping.set()
         self.client.disconnect()
 
+        stopper = threading.Thread(target=self.client.loop_stop, name="edgeops-mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(STOP_S)
+
+    def _get(self, source: queue.Queue, timeout: float) -> Any:
+        """`source.get(timeout=timeout)`, but FetchError as soon as the link is stopping."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping.is_set():
+            try:
+                return source.get(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.0)))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise
+        raise FetchError("the agent is stopping")
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._forget_telemetry_publishes()
         if reason_code.is_failure:
@@ -104,7 +129,7 @@ class Link:
         with self._subscribe_lock:
             done = self._subacks.pop(mid, None)
         if done is not None and not any(code.is_failure for code in reason_codes):
-            done.set()
+            done.put(None)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
@@ -141,7 +166,7 @@ class Link:
             self.client.publish(wire.topic(self.device_id, "fetch"), wire.fetch_request(request, path, offset), qos=1)
             try:
                 while True:
-                    header, data = self._replies.get(timeout=BLOCK_TIMEOUT_S)
+                    header, data = self._get(self._replies, BLOCK_TIMEOUT_S)
                     if header["req"] == request:
                         break  # replies to earlier, timed-out requests are stale: skip them
             except queue.Empty:
@@ -198,12 +223,16 @@ class Link:
 
     def _subscribe(self, topic: str) -> None:
         """Subscribe and wait for the broker's acknowledgement, so no block published later is missed."""
-        done = threading.Event()
+        done: queue.Queue[None] = queue.Queue()
         with self._subscribe_lock:
             result, mid = self.client.subscribe(topic, 1)
             self._subacks[mid] = done
-        if result != mqtt.MQTT_ERR_SUCCESS or not done.wait(BLOCK_TIMEOUT_S):
-            raise FetchError(f"could not subscribe to {topic}")
+        try:
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise queue.Empty
+            self._get(done, BLOCK_TIMEOUT_S)
+        except queue.Empty:
+            raise FetchError(f"could not subscribe to {topic}") from None
 
     def _receive(self, path: str, partial: PartialDownload) -> int:
         """Store blocks of `path` from the stream until it is complete or STREAM_QUIET_S pass without
@@ -211,7 +240,7 @@ class Link:
         received = 0
         while partial.missing():
             try:
-                arrived = [self._stream.get(timeout=STREAM_QUIET_S)]
+                arrived = [self._get(self._stream, STREAM_QUIET_S)]
             except queue.Empty:
                 return received
             while not self._stream.empty():  # store a burst with one sync
