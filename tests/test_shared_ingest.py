@@ -1,6 +1,6 @@
 """Two telemetry ingest workers on one MQTT shared subscription, on a real Mosquitto secured with the
 generated files: each a real process (`python -m edgeops fleet ingest --share GROUP --worker N`),
-both writing the same SQLite registry; devices are plain paho clients under their own credentials
+both writing the same SQLite registry; devices are plain paho clients with their own certificates
 publishing `wire.telemetry_batch` payloads (QoS 1) and collecting the fleet's `acks`.
 
 Checked: every record is in the registry exactly once and counted once (`telemetry_devices.received`),
@@ -26,12 +26,12 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgeops.fleet import mosquitto
-from edgeops.fleet.home import enroll_device, init_fleet
+from edgeops.fleet.home import enroll_device
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+from fleetkit import FleetBroker, device_tls, new_fleet, wait_for  # noqa: E402
 
 GROUP = "ingest"
 DEVICES = 8
@@ -75,7 +75,7 @@ class Device:
         config = json.loads((device_dir / "device.json").read_text())
         self.id, self.acked, self.desired, self.next_seq = config["id"], set(), [], 1
         self._subscribed = threading.Event()
-        self.client = mqttlib.client(f"edgeops-agent-{self.id}", config["broker"], config["username"], config["password"])
+        self.client = mqttlib.client(f"edgeops-agent-{self.id}", config["broker"], device_tls(device_dir))
         self.client.on_connect = lambda c, *a: c.subscribe([(wire.topic(self.id, leaf), 1) for leaf in ("acks", "desired")])
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -124,11 +124,21 @@ class Registry:
         return [s for (s,) in self.db.execute("select seq from telemetry where device = ? order by seq", [device_id])]
 
 
+class LoggingBroker(FleetBroker):
+    """The fleet's Mosquitto logging every packet (`log_type all`), for `delivered_to`."""
+
+    def _write(self) -> Path:
+        conf = super()._write()
+        with open(conf, "a") as fh:
+            fh.write("log_type all\n")
+        return conf
+
+
 @pytest.fixture
 def fleet(tmp_path):
-    home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+    home = new_fleet(tmp_path)
     dirs = [enroll_device(home, f"dev-{i}", "x86-vnni", {}, tmp_path / f"dev-{i}") for i in range(DEVICES)]
-    broker = secured_mosquitto(home, tmp_path / "broker", ingest_workers=2)
+    broker = LoggingBroker(home, "127.0.0.1", ingest_workers=2).start()
     workers = [Worker(home.path, 1), Worker(home.path, 2)]
     devices: list[Device] = []
     try:
@@ -146,7 +156,7 @@ def fleet(tmp_path):
 
 def delivered_to(broker, worker: int) -> int:
     """Telemetry messages the broker sent to ingest worker `worker` so far (its log, `log_type all`)."""
-    return broker.log.parent.joinpath("broker.log").read_text().count(f"Sending PUBLISH to _edgeops-fleet-ingest-{worker} ")
+    return broker.log_path.read_text().count(f"Sending PUBLISH to _edgeops-fleet-ingest-{worker} ")
 
 
 def test_two_workers_share_the_stream_and_a_killed_one_loses_and_duplicates_nothing(fleet):
@@ -169,7 +179,7 @@ def test_two_workers_share_the_stream_and_a_killed_one_loses_and_duplicates_noth
     wait_for(lambda: registry.rows() > stored_while_down, "the surviving worker to go on storing")
     assert registry.rows() < DEVICES * 30 * BATCH, "nothing was held by the killed worker"
 
-    second.start()  # the same broker user and client id: its persistent session comes back
+    second.start()  # the same certificate, so the same broker user and client id: its persistent session comes back
     total = DEVICES * 30 * BATCH
     wait_for(lambda: registry.rows() == total, f"all {total} records to be stored")
     wait_for(lambda: all(len(d.acked) == 30 * BATCH for d in devices), "every record to be acknowledged")
@@ -179,25 +189,25 @@ def test_two_workers_share_the_stream_and_a_killed_one_loses_and_duplicates_noth
     assert registry.received() == total  # each record counted once, however often it arrived
 
 
-def test_an_ingest_worker_login_reads_only_telemetry_and_writes_only_acks(fleet):
-    """The worker's broker user (generated ACL): it cannot read a device's state nor set its desired
+def test_an_ingest_worker_certificate_reads_only_telemetry_and_writes_only_acks(fleet):
+    """The worker's broker user, from its certificate (generated ACL): it cannot read a device's state nor set its desired
     release. Denials are silent, so each ends with an allowed message on the same connection."""
     home, _, workers, (device, *_) = fleet
     for w in workers:
-        w.stop()  # this test logs in as worker 1 itself
+        w.stop()  # this test connects as worker 1 itself (its certificate runs one client at a time)
     got: list[str] = []
     subscribed = threading.Event()
-    username, password = mosquitto.worker_credentials(home, 1)
-    spy = mqttlib.client(username, home.config["broker"], username, password)
+    name = mosquitto.worker_name(1)
+    spy = mqttlib.client(f"{mosquitto.FLEET_USER}-{name}", home.broker_url, home.client_tls(name))
     spy.on_connect = lambda c, *a: c.subscribe([(wire.topic(device.id, "state"), 1), (f"$share/{GROUP}/{wire.PREFIX}/+/telemetry", 1)])
     spy.on_subscribe = lambda *a: subscribed.set()
     spy.on_message = lambda c, u, m: got.append(m.topic)
     spy.loop_start()
     try:
-        wait_for(subscribed.is_set, "the worker login to subscribe")
+        wait_for(subscribed.is_set, "the worker's client to subscribe")
         device.client.publish(wire.topic(device.id, "state"), b'{"device":"dev-0","online":true}', qos=1).wait_for_publish(10)
         device.publish(1)
-        wait_for(lambda: wire.topic(device.id, "telemetry") in got, "the telemetry to reach the worker login")
+        wait_for(lambda: wire.topic(device.id, "telemetry") in got, "the telemetry to reach the worker's client")
         assert wire.topic(device.id, "state") not in got
 
         spy.publish(wire.topic(device.id, "desired"), b'{"release_id": 666}', qos=1, retain=True).wait_for_publish(10)
