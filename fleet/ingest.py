@@ -126,8 +126,29 @@ def _records(report: Report) -> int:
 
 
 def parse_report(leaf: str, payload: bytes) -> dict[str, Any]:
-    """A `state` or `telemetry` message, parsed; WireError if malformed."""
-    return wire.parse_telemetry(payload) if leaf == "telemetry" else wire.decode(payload, {"device": str})
+    """A `state` or `telemetry` message, parsed; WireError if malformed. A telemetry batch that is
+    malformed yet a JSON object whose `records` name seqs (e.g. one without `dropped`) is returned as
+    a refusal, `{"refused": reason, "seqs": [...], "records": []}`: telemetry.ingest counts it and
+    acknowledges those seqs, so the device is answered instead of sending it forever."""
+    if leaf != "telemetry":
+        return wire.decode(payload, {"device": str})
+    try:
+        return wire.parse_telemetry(payload)
+    except wire.WireError as exc:
+        seqs = _seqs(payload)
+        if not seqs:
+            raise
+        return {"refused": str(exc), "seqs": seqs, "records": []}
+
+
+def _seqs(payload: bytes) -> list[int]:
+    """The valid seqs a telemetry payload's records name; [] when it has none (or is no JSON object)."""
+    try:
+        records = wire.decode(payload, {"records": list}, wire.MAX_TELEMETRY_PAYLOAD)["records"]
+    except wire.WireError:
+        return []
+    return [r["seq"] for r in records
+            if isinstance(r, dict) and type(r.get("seq")) is int and 1 <= r["seq"] <= wire.MAX_COUNT]
 
 
 class IngestWorker:

@@ -6,11 +6,22 @@ device has a `credentials` row with the salted hash of its broker password, neve
 A device's desired release (`devices.desired_release`) is written only by the rollout engine
 (edgeops.fleet.rollout), which bumps `desired_seq` with it, so the server republishes only on change.
 Every release has exactly one rollout, with the same id, created in the same transaction.
+
+The fleet decides; devices only report. A `state` message is evidence about its device only: it
+updates what the device says it runs (`installed_*`, `clock`, online), and moves an `executions`
+row only as `rollout.report_verdict` allows, i.e. a row the engine created when it assigned that
+release to that device. Rollout membership and desired releases come only from the engine's own
+rows, never from a report nor from `desired` messages (the fleet does not read those). A report
+that claims a release the fleet did not assign to the device, or a different outcome for a release
+it no longer runs (a replayed or forged `desired` makes agents do that), is an `anomalies` row: one
+per device, the latest claim, what the fleet had assigned, first and last time and how many; shown
+in `status`, `devices` and `device_detail`, counted in nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -22,7 +33,9 @@ from edgeops.fleet import derived, rollout, telemetry
 from edgeops.fleet.sql import transaction
 from edgeops.fleet.plan import Plan
 from edgeops.protocol.errors import EdgeopsError
-from edgeops.protocol.wire import DEVICE_ID, STATES
+from edgeops.protocol.wire import DEVICE_ID
+
+log = logging.getLogger(__name__)
 
 
 def open_db(path: str | Path) -> sqlite_utils.Database:
@@ -63,6 +76,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     rollout.create_tables(db)
     telemetry.create_tables(db)
     derived.create_tables(db)
+    _create_anomalies(db)
     return db
 
 
@@ -152,7 +166,7 @@ def all_desired(db: sqlite_utils.Database) -> dict[str, dict[str, Any] | None]:
 def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str, Any]]]) -> None:
     """Store what devices reported about themselves (`state` messages, oldest first) in one
     transaction, so a burst of reports costs one sync, not one each. Unknown devices are ignored:
-    the broker ACL should have stopped them."""
+    the broker ACL should have stopped them. An execution claim goes through `_record_execution`."""
     now = time.time()
     with transaction(db):
         for device_id, state in reports:
@@ -167,16 +181,61 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
                  _clock(state.get("clock")), device_id],
             ).rowcount
             execution = state.get("execution")
-            if known and isinstance(execution, dict) and execution.get("state") in STATES \
-                    and isinstance(execution.get("release"), int) and not isinstance(execution["release"], bool):
-                # rolled-back and cancelled are the fleet's decisions: a late report does not undo them
-                db.execute(
-                    "insert into executions (device, release_id, state, reason, updated_at) values (?, ?, ?, ?, ?) "
-                    "on conflict (device, release_id) do update set state = excluded.state, "
-                    "reason = excluded.reason, updated_at = excluded.updated_at "
-                    "where executions.state not in ('rolled-back', 'cancelled')",
-                    [device_id, execution["release"], execution["state"], str(execution.get("reason") or "")[:500], now],
-                )
+            if known and isinstance(execution, dict) and isinstance(execution.get("state"), str) \
+                    and type(execution.get("release")) is int:
+                _record_execution(db, device_id, execution, now)
+
+
+SQLITE_MAX_INT = 2**63 - 1  # a release id past it names nothing (and SQLite refuses to bind it)
+
+
+def _record_execution(db: sqlite_utils.Database, device_id: str, execution: dict[str, Any], now: float) -> None:
+    """Apply a device's execution report to the fleet's row, ignore it, or record an anomaly
+    (rollout.report_verdict decides)."""
+    release, reported = execution["release"], execution["state"]
+    reason = str(execution.get("reason") or "")[:500]
+    stored, desired = db.execute(
+        "select e.state, d.desired_release from devices d left join executions e on e.device = d.id "
+        "and e.release_id = ? where d.id = ?", [release if 0 < release <= SQLITE_MAX_INT else 0, device_id]).fetchone()
+    verdict = rollout.report_verdict(reported, stored, release, desired)
+    if verdict == "apply":
+        db.execute("update executions set state = ?, reason = ?, updated_at = ? where device = ? and release_id = ?",
+                   [reported, reason, now, device_id, release])
+    elif verdict == "anomaly":
+        claimed = f"release {release} {reported[:40]}{': ' + reason if reason else ''}"
+        assigned = f"release {desired}" if desired is not None else "no release"
+        _anomaly(db, device_id, claimed[:500], assigned + (f" (release {release}: {stored})" if stored else ""), now)
+
+
+def _create_anomalies(db: sqlite_utils.Database) -> None:
+    db.execute("create table if not exists anomalies (device text primary key, claimed text not null, "
+               "assigned text not null, first_at real not null, last_at real not null, count integer not null)")
+
+
+def _anomaly(db: sqlite_utils.Database, device_id: str, claimed: str, assigned: str, now: float) -> None:
+    """Record that `device_id` claimed something its records contradict; logged when the claim is new."""
+    before = db.execute("select claimed from anomalies where device = ?", [device_id]).fetchone()
+    db.execute("insert into anomalies (device, claimed, assigned, first_at, last_at, count) values (?, ?, ?, ?, ?, 1) "
+               "on conflict (device) do update set claimed = excluded.claimed, assigned = excluded.assigned, "
+               "last_at = excluded.last_at, count = count + 1", [device_id, claimed, assigned, now, now])
+    if before is None or before[0] != claimed:
+        log.warning("device %s claims %s, but the fleet assigned it %s: recorded as an anomaly, counted nowhere",
+                    device_id, claimed, assigned)
+
+
+_ANOMALY = ("claimed", "assigned", "first_at", "last_at", "count")
+
+
+def anomalies(db: sqlite_utils.Database, limit: int = 50) -> list[dict[str, Any]]:
+    """The devices whose reports disagreed with the fleet's records, the latest first (see the module docstring)."""
+    return [dict(row) for row in db.query(f"select device, {', '.join(_ANOMALY)} from anomalies "
+                                          "order by last_at desc, device limit ?", [limit])]
+
+
+def anomaly(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] | None:
+    """The latest claim of this device that disagreed with the fleet's records; None if it never did."""
+    rows = list(db.query(f"select {', '.join(_ANOMALY)} from anomalies where device = ?", [device_id]))
+    return rows[0] if rows else None
 
 
 def _clock(report: Any) -> str | None:
@@ -196,12 +255,13 @@ def _with_execution(db: sqlite_utils.Database, dev: dict[str, Any]) -> dict[str,
 
 
 _EXECUTION = ("release_id", "state", "reason", "updated_at")
-_TELEMETRY = ("received", "dropped", "inferences", "errors", "p95_ms", "metrics")
+_TELEMETRY = ("received", "dropped", "rejected_batches", "inferences", "errors", "p95_ms", "metrics")
 _LATEST = ("left join executions e on e.device = d.id "
            "and e.release_id = (select max(release_id) from executions where device = d.id)")
-_DEVICES = (f"select d.*, {', '.join(f'e.{c}' for c in _EXECUTION)}, t.received, t.dropped, "
-            f"coalesce(s.inferences, 0), coalesce(s.errors, 0), s.p95_ms, s.metrics from devices d {_LATEST} "
-            "left join telemetry_devices t on t.device = d.id left join device_telemetry s on s.device = d.id "
+_DEVICES = (f"select d.*, {', '.join(f'e.{c}' for c in _EXECUTION)}, t.received, t.dropped, t.rejected_batches, "
+            f"coalesce(s.inferences, 0), coalesce(s.errors, 0), s.p95_ms, s.metrics, {', '.join(f'a.{c}' for c in _ANOMALY)} "
+            f"from devices d {_LATEST} left join telemetry_devices t on t.device = d.id "
+            "left join device_telemetry s on s.device = d.id left join anomalies a on a.device = d.id "
             "where {where} order by d.id")
 # rollout.attention's rule in SQL: the latest execution failed, or offline while behind its desired release
 _NEEDS_ATTENTION = (f"e.state in ({', '.join(repr(s) for s in rollout.FAILED)}) or (coalesce(d.online, 0) = 0 "
@@ -213,19 +273,21 @@ LISTED = 50  # past this many devices, `status` lists only those that need atten
 
 def devices(db: sqlite_utils.Database, only: list[str] | None = None) -> list[dict[str, Any]]:
     """Every device (or those in `only`), by id, with its latest execution (None before its first
-    report) and a summary of its telemetry (None before any arrived) as `telemetry.device_summaries`
-    computes it: one query, the summaries brought up to date from the records added since (fleet/derived.py)."""
+    report), a summary of its telemetry (None before any arrived) as `telemetry.device_summaries`
+    computes it, and its latest `anomaly` (None if its reports never disagreed with the fleet): one query, the summaries brought up to date from the records added since (fleet/derived.py)."""
     if only is None:
         derived.refresh_devices(db)
     else:
         derived.refresh_listed(db, only)
     cursor = db.execute(_DEVICES.format(where="1" if only is None else "d.id in (select value from json_each(?))"),
                         [] if only is None else [json.dumps(only)])
-    width = len(cursor.description) - len(_EXECUTION) - len(_TELEMETRY)
+    width = len(cursor.description) - len(_EXECUTION) - len(_TELEMETRY) - len(_ANOMALY)
     names = [c[0] for c in cursor.description[:width]]
     found = []
     for row in cursor:
-        execution, summary = row[width:width + len(_EXECUTION)], row[width + len(_EXECUTION):]
+        execution = row[width:width + len(_EXECUTION)]
+        summary = row[width + len(_EXECUTION):width + len(_EXECUTION) + len(_TELEMETRY)]
+        claim = row[len(row) - len(_ANOMALY):]
         dev = _device_row(dict(zip(names, row[:width])))
         dev["execution"] = None if execution[0] is None else {"device": dev["id"], **dict(zip(_EXECUTION, execution))}
         if summary[0] is None:
@@ -233,6 +295,7 @@ def devices(db: sqlite_utils.Database, only: list[str] | None = None) -> list[di
         else:
             dev["telemetry"] = dict(zip(_TELEMETRY, summary))
             dev["telemetry"]["metrics"] = None if summary[-1] is None else json.loads(summary[-1])
+        dev["anomaly"] = None if claim[0] is None else dict(zip(_ANOMALY, claim))
         found.append(dev)
     return found
 
@@ -285,7 +348,7 @@ def device_detail(db: sqlite_utils.Database, device_id: str) -> dict[str, Any] |
     if dev is None:
         return None
     return {**_with_execution(db, dev), "telemetry": telemetry.device_summaries(db, device_id).get(device_id),
-            "desired": desired(db, device_id)}
+            "anomaly": anomaly(db, device_id), "desired": desired(db, device_id)}
 
 
 def releases(db: sqlite_utils.Database) -> list[dict[str, Any]]:
@@ -310,7 +373,8 @@ def status(db: sqlite_utils.Database) -> dict[str, Any]:
     """What `edgeops status` shows: devices with their latest execution (every one up to LISTED
     devices; past that, those that need attention: `devices()` lists them all), counts of every
     device, releases, rollouts with their progress and gates, the engine's latest decisions, devices
-    that need attention, drift flags. Costs the same for 50 devices or 100,000 with few in trouble."""
+    that need attention, drift flags, and the latest `anomalies` (reports that disagreed with the
+    fleet's records). Costs the same for 50 devices or 100,000 with few in trouble."""
     from edgeops.fleet import drift
 
     counts, needy = _census(db)
@@ -318,4 +382,4 @@ def status(db: sqlite_utils.Database) -> dict[str, Any]:
     return {"devices": listed, "device_counts": counts, "releases": releases(db), "rollouts": rollout.summaries(db),
             "decisions": rollout.decisions(db), "attention": rollout.attention(db, listed),
             "drift": [{"model": f["model"], "version": f["version"], "status": "retraining recommended",
-                       "devices": f["devices"]} for f in drift.flagged(db)]}
+                       "devices": f["devices"]} for f in drift.flagged(db)], "anomalies": anomalies(db)}

@@ -16,6 +16,19 @@ Invariants:
 - Rolling back returns each device whose desired release is the rollout's to its previous release:
   the newest earlier one it reported active. A device without one keeps what it has.
 - The engine's state is the database: a restarted fleet server continues where it stopped.
+
+The fleet decides; devices only report (docs/protocol.md, "What the fleet does with a report that
+disagrees with its records"):
+- An `executions` row is created only here, when the engine assigns a device to a rollout; it is
+  the fleet's record that the device is a member. A device's `state` report can move the state of a
+  row the engine created (`report_verdict`), never create one: a claimed release the fleet did not
+  assign to that device is an anomaly (registry.record_reports), counted nowhere.
+- So every count of a rollout (quota, install success, the devices whose calls the gates read) is
+  over the devices the engine assigned, whatever other devices say about themselves.
+- The gates read a device's inference records only for versions the fleet assigned to it: the
+  rollout's version on its active members, and for the baseline, the versions of earlier releases of
+  the model that device was assigned. A record naming another version is the device's own
+  telemetry (its summaries and series show it), never evidence about a rollout.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ ROLLOUT_STATES = ("running", "paused", "completed", "aborted", "rolled-back", "s
 OPEN = ("running", "paused")
 FAILED = ("failed", "rejected", "timed-out")
 SETTLED = ("active", *FAILED)
+CLOSED = ("rolled-back", "cancelled")  # the engine's final word on an execution
+DEVICE_STATES = (*IN_FLIGHT, "active", "failed", "rejected")  # what a device may report; the rest are the engine's
 ACTIONS = ("pause", "resume", "abort", "rollback")
 BASELINE_S = 7 * 86400  # how far back the previous version's telemetry counts as its baseline
 
@@ -165,6 +180,28 @@ def _previous(db: sqlite_utils.Database, device_id: str, release_id: int) -> int
     """The newest release before `release_id` that the device reported active: where a rollback takes it."""
     return db.execute("select max(release_id) from executions where device = ? and release_id < ? and state = 'active'",
                       [device_id, release_id]).fetchone()[0]
+
+
+def report_verdict(reported: str, stored: str | None, release: int, desired: int | None) -> str:
+    """What to do with a device's report that its execution of `release` is in state `reported`:
+    "apply" it to the fleet's row, "ignore" it, or record an "anomaly". `stored` is the state of the
+    fleet's row for (device, release), None when the engine never assigned that release to the
+    device; `desired` is the release the fleet assigned it now.
+
+    - never assigned, or a state only the engine sets (rolled-back, timed-out, cancelled): anomaly;
+    - the fleet closed the row (rolled-back, cancelled): ignore, a late report does not undo it;
+    - the release it is assigned now, or a row still in flight (late progress of a release it was
+      moved off): apply;
+    - a settled row of a release it is no longer assigned: ignore the same outcome again, and a
+      different one is an anomaly (what a replayed or forged `desired` makes an agent report).
+    """
+    if stored is None or reported not in DEVICE_STATES:
+        return "anomaly"
+    if stored in CLOSED:
+        return "ignore"
+    if release == desired or stored in IN_FLIGHT:
+        return "apply"
+    return "ignore" if reported == stored else "anomaly"
 
 
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -382,7 +419,8 @@ def health(db: sqlite_utils.Database, r: _Rollout, view: _View, drift_memo: dict
 
 def _call_stats(db: sqlite_utils.Database, r: _Rollout, active: list[str]) -> list[tuple[int, float, float | None]]:
     """(calls, error rate, p95 latency) of the new version and of the versions before it (within
-    BASELINE_S of the rollout's start) on the `active` devices. They read every such inference record,
+    BASELINE_S of the rollout's start) on the `active` devices, each device's baseline only from the
+    versions of earlier releases the fleet assigned to it. They read every such inference record,
     so they are stored (fleet/derived.py) with what they were computed from, and computed again only
     when the active devices changed or inference records of the model arrived since."""
     key = hashlib.sha256(json.dumps([r.id, r.model, r.version, r.created_at, sorted(active)]).encode()).hexdigest()
@@ -395,7 +433,8 @@ def _call_stats(db: sqlite_utils.Database, r: _Rollout, active: list[str]) -> li
         return [tuple(side) for side in stored["stats"]]
     mark = derived.top(db)
     new = _calls(db, r.model, "version = ?", [r.version], active, 0.0)
-    old = _calls(db, r.model, "version in (select version from releases where model = ? and id < ? and version != ?)",
+    old = _calls(db, r.model, "version in (select o.version from executions e join releases o on o.id = e.release_id "
+                              "where e.device = telemetry.device and o.model = ? and o.id < ? and o.version != ?)",
                  [r.model, r.id, r.version], active, r.created_at - BASELINE_S)
     stats = [(len(calls), _error_rate(calls), _p95(calls)) for calls in (new, old)]
     with derived.writing(db):

@@ -4,8 +4,18 @@ Invariants:
 - a record is stored at most once: (device, seq) is the key and a repeat is ignored, because an
   agent re-sends what the fleet did not acknowledge to it (agent/telemetry.py);
 - the fleet acks a batch to its device (`acks` topic) only after the transaction storing it committed;
-- a batch from a device that is not enrolled, or that names another device than its topic, is
-  dropped whole: the topic is what the broker ACL vouches for;
+- a batch from a device that is not enrolled is dropped whole (logged; the broker ACL should have
+  stopped it);
+- a batch on an enrolled device's topic that names another device, or that is malformed but still
+  names its records' seqs (fleet/ingest.parse_report: e.g. no `dropped`), is refused whole: nothing
+  of it is stored, the device's `rejected_batches` counts it, a warning is logged (at most once per
+  WARN_EVERY_S per device, with the count), and its seqs are acknowledged, so the device does not
+  send it forever. Its records are then among those the fleet will never get: with the watermark
+  they count in `dropped` once W passes them;
+- telemetry is evidence about its device only. Every stored record counts in that device's own
+  summaries and series, whatever model or version it names; what counts in a rollout's gates is
+  chosen by the rollout engine from its own assignments (fleet/rollout.py), never by what a
+  record claims;
 - `telemetry_devices.received` counts stored records, and `dropped` the records the device made
   that the fleet will never get, so received + dropped accounts for every record it made: with the
   drop watermark W a batch carries (docs/protocol.md), dropped = W - (its stored seqs <= W) +
@@ -23,12 +33,17 @@ Invariants:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import sqlite_utils
 
 from edgeops.fleet.sql import transaction
+
+log = logging.getLogger(__name__)
+WARN_EVERY_S = 60.0  # a device's refused batches are logged at most this often
+_warned: dict[str, float] = {}  # device -> when its refused batches were last logged
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
@@ -40,18 +55,27 @@ def create_tables(db: sqlite_utils.Database) -> None:
                "received integer not null default 0)")
     columns = db["telemetry_devices"].columns_dict
     for column, definition in (("drop_watermark", "integer"), ("dropped_unsequenced", "integer not null default 0"),
-                               ("below_watermark", "integer not null default 0")):  # registries from before the watermark
+                               ("below_watermark", "integer not null default 0"),  # registries from before the watermark
+                               ("rejected_batches", "integer not null default 0")):  # ... and before refusals were counted
         if column not in columns:
             db.execute(f"alter table telemetry_devices add column {column} {definition}")
 
 
 def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[int]]]:
-    """Store (topic device id, parsed telemetry batch) pairs in one transaction; returns, per batch
-    accepted, the device and the seqs now stored (new or already there), for the fleet to ack."""
+    """Store (topic device id, parsed telemetry batch or refusal from ingest.parse_report) pairs in one
+    transaction; returns, per batch of an enrolled device, the device and the seqs to acknowledge:
+    those now stored (new or already there), or those of a refused batch (see the module docstring)."""
     now, stored = time.time(), []
     with transaction(db):
         for device_id, batch in batches:
-            if batch["device"] != device_id or not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
+            if not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
+                _warn(device_id, "telemetry from %s, which is not enrolled: dropped", device_id)
+                continue
+            refused = batch.get("refused") or (batch["device"] != device_id and
+                                               f"the batch names device {str(batch['device'])[:64]!r}, not its topic's")
+            if refused:
+                _refuse(db, device_id, refused)
+                stored.append((device_id, batch.get("seqs") or [r["seq"] for r in batch["records"]]))
                 continue
             rows = [(device_id, r["seq"], r["kind"], r["t"], _text(r["body"].get("model")), _text(r["body"].get("version")),
                      json.dumps(r["body"], separators=(",", ":")), now) for r in batch["records"]]
@@ -86,6 +110,25 @@ def _store(db: sqlite_utils.Database, device_id: str, batch: dict[str, Any], row
                [device_id, added, dropped, watermark, unsequenced, below])
 
 
+def _refuse(db: sqlite_utils.Database, device_id: str, reason: str) -> None:
+    """Count a refused batch for its (enrolled) topic device, and log it (rate-limited)."""
+    db.execute("insert into telemetry_devices (device, rejected_batches) values (?, 1) on conflict (device) "
+               "do update set rejected_batches = rejected_batches + 1", [device_id])
+    total = db.execute("select rejected_batches from telemetry_devices where device = ?", [device_id]).fetchone()[0]
+    _warn(device_id, "refused a telemetry batch from %s (%s; %d refused so far): nothing of it stored, its seqs "
+                     "acknowledged", device_id, reason, total)
+
+
+def _warn(device_id: str, message: str, *args: Any) -> None:
+    """log.warning, at most once per WARN_EVERY_S per device."""
+    now = time.monotonic()
+    if now - _warned.get(device_id, -WARN_EVERY_S) >= WARN_EVERY_S:
+        if len(_warned) >= 10_000:  # ids from topics: bounded, whatever publishes
+            _warned.clear()
+        _warned[device_id] = now
+        log.warning(message, *args)
+
+
 def _insert(db: sqlite_utils.Database, rows: list[tuple]) -> int:
     """Insert the rows not stored yet; returns how many were new."""
     before = db.conn.total_changes
@@ -100,11 +143,12 @@ def counts(db: sqlite_utils.Database, device_id: str) -> dict[str, int]:
 
 
 def device_summaries(db: sqlite_utils.Database, only: str | None = None, window: int = 1000) -> dict[str, dict[str, Any]]:
-    """Per device (or just `only`): records received and dropped, and over its last `window`
+    """Per device (or just `only`): records received and dropped, batches refused, and over its last `window`
     inference records the calls, errors and p95 latency of the successful ones; plus its latest metrics sample."""
     where, args = ("where device = ?", [only]) if only is not None else ("", [])
-    summaries = {row["device"]: {"received": row["received"], "dropped": row["dropped"]}
-                 for row in db.query(f"select device, received, dropped from telemetry_devices {where}", args)}
+    summaries = {row["device"]: {"received": row["received"], "dropped": row["dropped"],
+                                 "rejected_batches": row["rejected_batches"]}
+                 for row in db.query(f"select device, received, dropped, rejected_batches from telemetry_devices {where}", args)}
     for device_id, summary in summaries.items():
         rows = db.execute("select json_extract(body, '$.latency_ms'), json_extract(body, '$.ok') from telemetry "
                           "where device = ? and kind = 'inference' order by seq desc limit ?", [device_id, window]).fetchall()

@@ -4,7 +4,8 @@
 order: devices (or, past LARGE_FLEET devices, only those that need attention plus one count per
 state, from `device_counts`: past registry.LISTED the status lists no others), releases, rollouts
 (a panel for each model's newest unfinished rollout, one compact row for every other), the latest
-decisions, drift flags, and devices that need attention last, next to the prompt.
+decisions, drift flags, anomalies (device reports that disagreed with the fleet's records), and
+devices that need attention last, next to the prompt.
 
 Invariants: rendering never fails on a dict from an older server (keys added with rollouts are read
 with defaults), and it only reads the dict: nothing here computes fleet state.
@@ -83,6 +84,12 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         for f in data["drift"]:
             _add(flags, f["model"], f["version"], f["status"], ", ".join(f.get("devices", [])) or "-")
         console.print(flags)
+    if data.get("anomalies"):
+        claims = _table("anomalies: reports the fleet did not count", "device", "claimed", "fleet assigned", "times",
+                        "last")
+        for a in data["anomalies"]:
+            _add(claims, a["device"], a["claimed"], a["assigned"], str(a["count"]), _ago(a["last_at"]))
+        console.print(claims)
     if attention:
         needs = _table("needs attention", "device", "rollout", "reason")
         for a in attention:
@@ -105,8 +112,9 @@ def _devices(devices: list[dict[str, Any]]) -> Table:
         installed = f"{d['installed_model']} {d['installed_version']}" if d.get("installed_version") else "-"
         t = d.get("telemetry") or {}
         p95 = f"{t['p95_ms']:.2f}" if t.get("p95_ms") is not None else "-"
+        dropped = str(t.get("dropped", "-")) + (f" ({t['rejected_batches']} batches refused)" if t.get("rejected_batches") else "")
         _add(table, d["id"], d["profile"], installed, state, _ago(d.get("last_seen")), "yes" if d.get("online") else "no",
-             str(t.get("inferences", "-")), str(t.get("errors", "-")), p95, str(t.get("dropped", "-")))
+             str(t.get("inferences", "-")), str(t.get("errors", "-")), p95, dropped)
     return table
 
 

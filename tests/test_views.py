@@ -96,8 +96,13 @@ def test_large_fleet_lists_only_the_devices_that_need_attention(tmp_path):
 
 def test_status_from_a_server_older_than_rollouts(tmp_path):
     db = fleet(tmp_path, 2)
-    report(db, "dev-00", 4, "active", installed=("digits", "0.9"))
-    text = _render({"devices": registry.devices(db), "releases": []})
+    report(db, "dev-00", 4, "active", installed=("digits", "0.9"))  # no release 4 here: an anomaly, not an execution
+    devices = registry.devices(db)
+    assert devices[0]["execution"] is None and devices[0]["anomaly"]["claimed"] == "release 4 active"
+    for device in devices:  # as an older server sent them: its executions, none of the newer keys
+        device.pop("anomaly")
+    devices[0]["execution"] = {"device": "dev-00", "release_id": 4, "state": "active", "reason": "", "updated_at": 1.0}
+    text = _render({"devices": devices, "releases": []})
     assert [d[:4] for d in _table(text, "devices")] == [["dev-00", "rpi4", "digits 0.9", "r4 active"],
                                                         ["dev-01", "rpi4", "-", "-"]]
     assert "rollout" not in text and "decisions" not in text and "attention" not in text
