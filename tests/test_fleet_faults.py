@@ -26,14 +26,14 @@ import pytest
 from edgeops.agent.partial import PartialDownload
 from edgeops.agent.slots import FAILPOINT_ENV, POINTER
 from edgeops.fleet import registry
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import build_bundle, bundle_filename, canonical_json, read_bundle
 from edgeops.protocol import wire
 from edgeops.protocol.wire import MAX_BLOCK
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, free_port, secured_mosquitto, wait_for  # noqa: E402
+from fleetkit import AT_ONCE, new_fleet, secured_mosquitto, wait_for  # noqa: E402
 
 DEVICE = "dev-1"
 INSTALL_FAILPOINTS = [f"{when}:{step}" for step in ("writing", "loading", "self-test", "switching")
@@ -102,10 +102,10 @@ class AgentProcess:
 @pytest.fixture
 def fleet(tmp_path):
     """A fleet with one device, a secured persistent Mosquitto, and a running fleet server with a FetchSpy."""
-    home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+    home = new_fleet(tmp_path)
     enroll_device(home, DEVICE, "x86-vnni", {}, tmp_path / DEVICE)
     broker = secured_mosquitto(home, tmp_path / "broker")
-    server = FleetServer(home, home.config["broker"])
+    server = FleetServer(home, home.broker_url)
     spy = FetchSpy(server)
     server.start()
     agents: list[AgentProcess] = []
