@@ -12,6 +12,7 @@ acknowledged; otherwise it is let go on (SIGCONT) and looked at again.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -29,15 +30,16 @@ import pytest
 
 from edgeops.agent import api_client
 from edgeops.fleet import registry, telemetry
-from edgeops.fleet.home import enroll_device, init_fleet, push
-from edgeops.fleet.mosquitto import write_config
+from edgeops.fleet import mosquitto as mosquitto_config
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import atomic_write, canonical_json, read_bundle
 from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, DEADLINE_S, Mosquitto, broker, free_port, secured_mosquitto, wait_for  # noqa: E402,F401  (fixture)
+from fleetkit import (AT_ONCE, DEADLINE_S, FleetBroker, attacker_tls, fleet_home, new_fleet,  # noqa: E402,F401  (fixture)
+                      secured_mosquitto, wait_for)
 from test_fleet_faults import DEVICE, AgentProcess, wait_active  # noqa: E402
 
 
@@ -121,6 +123,20 @@ def configure(device_dir: Path, **options) -> None:
     atomic_write(device_dir / "device.json", canonical_json(config), mode=0o600)
 
 
+class GeneratedConfigBroker(FleetBroker):
+    """The fleet's Mosquitto with the files `edgeops fleet mosquitto-config` writes as they are (no
+    persistence), logging every packet to `log`."""
+
+    def _write(self) -> Path:
+        extra = [f"log_dest file {self.log_path.resolve()}", "log_type all",
+                 f"user {getpass.getuser()}"]  # as root Mosquitto would switch to user mosquitto, who cannot read the keys
+        return mosquitto_config.write_config(self.home, self.folder, self.bind, self.ingest_workers, extra)["conf"]
+
+    @property
+    def log(self) -> Path:
+        return self.log_path
+
+
 @pytest.fixture
 def deployed(tmp_path, digits_bundle):
     """`start(**agent_options)`: a fleet with DEVICE, a secured persistent Mosquitto, a fleet server,
@@ -128,15 +144,13 @@ def deployed(tmp_path, digits_bundle):
     cleanup = []
 
     def start(persistent: bool = True, **options) -> SimpleNamespace:
-        home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+        home = new_fleet(tmp_path)
         device_dir = enroll_device(home, DEVICE, "x86-vnni", {}, tmp_path / DEVICE)
         configure(device_dir, metrics_interval_s=3600, **options)  # one metrics record per agent start
         if persistent:
             mosquitto = secured_mosquitto(home, tmp_path / "broker")
         else:  # what `edgeops fleet mosquitto-config` writes: no persistence
-            conf = write_config(home, tmp_path / "broker", "127.0.0.1")["conf"]
-            conf.write_text(conf.read_text() + "log_type all\n" + ("user root\n" if os.geteuid() == 0 else ""))  # see secured_mosquitto
-            mosquitto = Mosquitto(conf, BrokerAddress.parse(home.config["broker"]).port).start()
+            mosquitto = GeneratedConfigBroker(home, "127.0.0.1").start()
         cleanup.append(mosquitto.stop)
         version = read_bundle(digits_bundle.path).manifest["version"]
         release = push(home, [digits_bundle.path], {}, plan=AT_ONCE)
@@ -145,7 +159,7 @@ def deployed(tmp_path, digits_bundle):
 
         def run_server() -> FleetServer:
             """A fleet server; `d.subscribed` is set when the broker confirmed its subscriptions."""
-            d.server = FleetServer(home, home.config["broker"])
+            d.server = FleetServer(home, home.broker_url)
             d.server.client.on_subscribe = lambda *args: d.subscribed.set()
             cleanup.append(d.server.start().stop)
             return d.server
@@ -371,16 +385,18 @@ def test_full_outbox_accounts_for_every_record(deployed, pixels):
     assert stored == list(range(stored[0], stored[0] + len(stored))) and stored[-1] == made + metrics
 
 
-def test_fleet_ignores_forged_malformed_and_replayed_telemetry(broker, tmp_path):
-    home = init_fleet(tmp_path / "fleet", broker)
+def test_fleet_ignores_forged_malformed_and_replayed_telemetry(fleet_home, tmp_path):
+    home = fleet_home()
     for device_id in (DEVICE, "dev-2"):
         enroll_device(home, device_id, "x86-vnni", {}, tmp_path / device_id)
-    server = FleetServer(home, broker).start()
+    server = FleetServer(home, home.broker_url).start()
+    # An attacker who owns the broker (every right on it), so the fleet itself must refuse what it sends.
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-attacker")
-    host, port = broker.removeprefix("mqtt://").split(":")
+    client.tls_set_context(attacker_tls(home).context())
+    address = BrokerAddress.parse(home.broker_url)
     try:
         wait_for(server.connected.is_set, "the fleet server to connect")
-        client.connect(host, int(port))
+        client.connect(address.host, address.port)
         client.loop_start()
         good = (1, "inference", 1.5, '{"model":"digits","version":"1.0.0","ok":true}')
         record = lambda **kw: {"seq": 7, "kind": "inference", "t": 1.0, "body": {}, **kw}  # noqa: E731
@@ -419,7 +435,11 @@ def test_fleet_ignores_forged_malformed_and_replayed_telemetry(broker, tmp_path)
         rows = db.execute("select device, seq, kind, t, model, version, body from telemetry order by seq").fetchall()
         assert rows == [(DEVICE, 1, "inference", 1.5, "digits", "1.0.0", good[3]),
                         (DEVICE, 2, "metrics", 2.5, None, None, later[3])]
-        assert db.execute("select device, received, dropped from telemetry_devices").fetchall() == [(DEVICE, 2, 4)]
+        # dev-2 stored nothing: the batch on its topic naming DEVICE was refused whole, only counted as refused.
+        assert db.execute("select device, received, dropped, rejected_batches from telemetry_devices "
+                          "order by device").fetchall()[1:] == [("dev-2", 0, 0, 1)]
+        assert db.execute("select device, received, dropped from telemetry_devices order by device").fetchall() == [
+            (DEVICE, 2, 4), ("dev-2", 0, 0)]
         # A replay of the stored batch, and of an older one, changes nothing; the next new record still counts.
         replays = [wire.telemetry_batch(DEVICE, [good, later], 4), wire.telemetry_batch(DEVICE, [good], 0)]
         fresh = (3, "metrics", 3.5, '{"cpu_percent":4.5}')
@@ -427,7 +447,8 @@ def test_fleet_ignores_forged_malformed_and_replayed_telemetry(broker, tmp_path)
             client.publish(wire.topic(DEVICE, "telemetry"), payload, qos=1).wait_for_publish(10)
         wait_for(lambda: db.execute("select count(*) from telemetry").fetchone()[0] >= 3, "the fresh record to be stored")
         assert [r[0] for r in db.execute("select seq from telemetry order by seq").fetchall()] == [1, 2, 3]
-        assert db.execute("select device, received, dropped from telemetry_devices").fetchall() == [(DEVICE, 3, 4)]
+        assert db.execute("select device, received, dropped from telemetry_devices order by device").fetchall() == [
+            (DEVICE, 3, 4), ("dev-2", 0, 0)]
         assert all(t.is_alive() for t in server._threads)
     finally:
         client.loop_stop()
