@@ -41,13 +41,13 @@ import pytest
 from edgeops.agent import api_client
 from edgeops.agent.partial import PartialDownload
 from edgeops.fleet import registry, telemetry
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.plan import make_plan
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import atomic_write, canonical_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import free_port, secured_mosquitto, wait_for  # noqa: E402
+from fleetkit import FleetBroker, free_port, new_fleet, wait_for  # noqa: E402
 from realparts import missing  # noqa: E402
 from test_fleet_faults import FetchSpy, release_bundle  # noqa: E402
 from test_telemetry_faults import ApiAgent  # noqa: E402
@@ -188,6 +188,23 @@ def dropped(device_dir: Path, counter: str = "dropped") -> int:
     return outbox(device_dir, f"select value from counters where name = '{counter}'")
 
 
+class AgentsPortBroker(FleetBroker):
+    """The fleet's Mosquitto, with a second listener on `agent_port` (when set) secured like the first
+    (TLS settings are per listener in Mosquitto 2; the ACL and the rest are global)."""
+
+    agent_port: int | None = None
+
+    def _write(self) -> Path:
+        conf = super()._write()
+        if self.agent_port:
+            lines = conf.read_text().splitlines()
+            tls = [line for line in lines if line.split(" ", 1)[0] in (
+                "cafile", "certfile", "keyfile", "crlfile", "tls_version", "require_certificate", "use_identity_as_username")]
+            with open(conf, "a") as fh:
+                fh.write("\n".join([f"listener {self.agent_port} {self.bind}", *tls]) + "\n")
+        return conf
+
+
 @pytest.fixture
 def fleet(tmp_path, digits_bundle):
     """`start(devices, agent_port=False, **agent_options)`: a fleet, a secured persistent Mosquitto
@@ -196,22 +213,19 @@ def fleet(tmp_path, digits_bundle):
     cleanup = []
 
     def start(devices: tuple[str, ...], agent_port: bool = False, **options) -> SimpleNamespace:
-        home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+        home = new_fleet(tmp_path)
         dirs = {d: enroll_device(home, d, "x86-vnni", {}, tmp_path / d) for d in devices}
-        broker = secured_mosquitto(home, tmp_path / "broker")
+        broker = AgentsPortBroker(home, "127.0.0.1")
+        # the agents' own way in, so a partition can cut them off and leave the fleet server
+        broker.agent_port = free_port() if agent_port else None
+        broker.start()
         cleanup.append(broker.stop)
-        f = SimpleNamespace(home=home, devices=devices, dirs=dirs, broker=broker, agents={}, agent_port=None,
+        f = SimpleNamespace(home=home, devices=devices, dirs=dirs, broker=broker, agents={}, agent_port=broker.agent_port,
                             db=registry.open_db(home.db_path))
-        if agent_port:  # the agents' own way in, so a partition can cut them off and leave the fleet server
-            f.agent_port = free_port()
-            broker.stop()
-            with open(broker.conf, "a") as conf:
-                conf.write(f"listener {f.agent_port} 127.0.0.1\nuse_username_as_clientid true\n")
-            broker.start()
         for device_dir in dirs.values():
-            broker_url = f"mqtt://127.0.0.1:{f.agent_port}" if agent_port else home.config["broker"]
+            broker_url = f"mqtts://127.0.0.1:{f.agent_port}" if agent_port else home.broker_url
             configure(device_dir, broker=broker_url, agent={"metrics_interval_s": 3600, **options})
-        server = FleetServer(home, home.config["broker"])
+        server = FleetServer(home, home.broker_url)
         f.spy = FetchSpy(server)
         cleanup.append(server.start().stop)
         v1 = release_bundle(digits_bundle.path, "1.0.0", tmp_path)
