@@ -1,5 +1,5 @@
 """The agent's forwarder lingers for fuller telemetry batches (agent/telemetry.py): a real outbox, the
-agent's real MQTT link to a real Mosquitto, and a subscriber that sees every telemetry message.
+agent's real MQTT link (its device certificate) to the fleet's real Mosquitto, and a subscriber that sees every telemetry message.
 Records committed in several commits go out as one full batch once 500 wait, not one message per
 commit; with a short linger, a partial batch still goes once its oldest record has waited. Needs
 Mosquitto; a few seconds."""
@@ -20,32 +20,37 @@ from edgeops.agent.metrics import DeviceMetrics
 from edgeops.agent.outbox import Outbox
 from edgeops.agent.telemetry import BATCH_RECORDS, COMMIT_S, Telemetry
 from edgeops.agent.transport import Link
+from edgeops.fleet.home import enroll_device
 from edgeops.protocol import wire
+from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import mosquitto_broker, wait_for  # noqa: E402
+from fleetkit import device_tls, fleet_home, wait_for  # noqa: E402,F401  (fixture)
 
 DEVICE = "dev-1"
 
 
 @pytest.fixture
-def forwarding(tmp_path) -> Iterator:
+def forwarding(fleet_home, tmp_path) -> Iterator:
     """`start(linger_s)`: an agent forwarder on a real link, and a queue of the telemetry it publishes."""
-    url, stop_broker = mosquitto_broker(tmp_path)
+    home = fleet_home()
+    device_dir = enroll_device(home, DEVICE, "x86-vnni", {}, tmp_path / DEVICE)
+    url = home.broker_url
     messages: queue.SimpleQueue[dict] = queue.SimpleQueue()
     listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="listener")
+    listener.tls_set_context(home.client_tls().context())  # the fleet's own client
     subscribed = threading.Event()
     listener.on_message = lambda client, userdata, message: messages.put(wire.parse_telemetry(message.payload))
     listener.on_subscribe = lambda *args: subscribed.set()
-    host, port = url.removeprefix("mqtt://").split(":")
-    listener.connect(host, int(port))
+    address = BrokerAddress.parse(url)
+    listener.connect(address.host, address.port)
     listener.subscribe(wire.topic(DEVICE, "telemetry"), 1)
     listener.loop_start()
     wait_for(subscribed.is_set, "the listener to subscribe")
     stop, cleanup = threading.Event(), []
 
     def start(linger_s: float) -> tuple[Telemetry, queue.SimpleQueue]:
-        link = Link(DEVICE, url, lambda desired: None).start()
+        link = Link(DEVICE, url, lambda desired: None, device_tls(device_dir)).start()
         cleanup.append(link.stop)
         wait_for(link.connected.is_set, "the agent's link to connect")
         telemetry = Telemetry(DEVICE, Outbox(tmp_path / "outbox.db"), DeviceMetrics(tmp_path), 3600.0,
@@ -61,7 +66,6 @@ def forwarding(tmp_path) -> Iterator:
         step()
     listener.loop_stop()
     listener.disconnect()
-    stop_broker()
 
 
 def commit(telemetry: Telemetry, n: int) -> None:
