@@ -207,7 +207,7 @@ def test_power_cut_during_metric_writes_loses_no_committed_record(ext4, tmp_path
 
 @pytest.mark.parametrize("refresh", ["trust-store", "python-tuf-alone"])
 def test_refreshed_metadata_survives_a_power_cut_only_when_fsynced(ext4, digits_bundle, tmp_path, refresh):
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1883")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:8883")  # no broker needed: metadata only
     fetch = lambda path: (home.repo / path).read_bytes()  # noqa: E731  (FileNotFoundError ends the root chain)
     push(home, [release_bundle(digits_bundle.path, "1.0.0", tmp_path)], {}, plan=AT_ONCE)
     disk = ext4(tmp_path / "state")
