@@ -10,7 +10,7 @@ THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detectio
 
 .PHONY: demo test test-heavy bench bench-fanout bench-agent bench-ingest bench-live bench-scale fuzz clean mosquitto
 
-demo: $(VENV)/.demo
+demo: $(VENV)/.demo mosquitto
 	$(VENV)/bin/edgeops demo
 
 test: $(VENV)/.dev mosquitto
@@ -44,7 +44,7 @@ $(VENV)/.tflite: $(VENV)/.dev
 mosquitto:
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; } || \
-	  echo "note: install mosquitto (apt-get install mosquitto) for the broker tests"
+	  echo "note: install mosquitto (apt-get install mosquitto): the fleet's broker"
 
 # Longer fuzzing than CI's budget: hypothesis on the parsers, schemathesis on the fleet API.
 fuzz: $(VENV)/.dev

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -266,24 +267,30 @@ def fleet() -> None:
     Examples:
       edgeops fleet init ./fleet
       edgeops fleet serve ./fleet
-      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883
+      edgeops fleet serve ./fleet --broker mqtts://broker.example.net:8883
       edgeops fleet mosquitto-config ./fleet -o ./broker
+      edgeops fleet broker-cert ./fleet --broker-host broker.example.net
     """
 
 
 @fleet.command("init")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker the fleet and its devices use.")
-def fleet_init(directory: Path, broker: str) -> None:
-    """Create a fleet: registry database, signing keys and TUF metadata.
+@click.option("--broker", default="mqtts://127.0.0.1:8883", show_default=True,
+              help="Broker URL the fleet and its devices use (mqtts://; plain mqtt:// only on loopback).")
+@click.option("--broker-host", "broker_hosts", multiple=True, metavar="NAME",
+              help="Another host name or address devices reach the broker by (repeatable); its certificate covers them.")
+def fleet_init(directory: Path, broker: str, broker_hosts: tuple[str, ...]) -> None:
+    """Create a fleet: registry database, signing keys, TUF metadata, and the fleet's certificate
+    authority with the broker's certificate.
 
     \b
-    Example:
+    Examples:
       edgeops fleet init ./fleet
+      edgeops fleet init ./fleet --broker mqtts://broker.lan:8883 --broker-host 10.0.0.5
     """
     from edgeops.fleet.home import init_fleet
 
-    init_fleet(directory, broker)
+    init_fleet(directory, broker, broker_hosts=list(broker_hosts))
     click.echo(f"fleet created in {directory}. Next steps:")
     click.echo(f"  edgeops fleet serve {directory}")
     click.echo(f"  edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet {directory} -o ./pi-001")
@@ -293,37 +300,52 @@ def fleet_init(directory: Path, broker: str) -> None:
 
 @fleet.command("serve")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--broker", help="External broker (mqtt://HOST:PORT); default: start the embedded one.")
+@click.option("--broker", help="A broker you run (mqtts://HOST:PORT, configured with `fleet mosquitto-config`); "
+              "default: start a private Mosquitto with the fleet's TLS settings.")
 @click.option("--http", "http", default="127.0.0.1:8420", show_default=True,
               help="HOST:PORT of the operators' HTTP JSON API (token: api_token in DIRECTORY/fleet.json).")
 @click.option("--on-drift", metavar="CMD", help="Shell command run once for each model version flagged "
               "'retraining recommended', with EDGEOPS_MODEL, EDGEOPS_VERSION and EDGEOPS_FLEET set.")
 @click.option("--share", metavar="GROUP", help="Take telemetry through the MQTT shared subscription of GROUP, "
               "with the ingest workers of `edgeops fleet ingest --share GROUP`.")
-def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None, share: str | None) -> None:
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve the HTTP API over HTTPS with this "
+              "certificate (PEM); needed to bind beyond loopback.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="The private key (PEM) of --tls-cert.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another name clients reach the API by, accepted in the Host header (repeatable); "
+                   "loopback names and the --http address always are.")
+@click.option("--open-reads/--closed-reads", default=None,
+              help="Whether reads need no token. [default: open on loopback, closed otherwise]")
+def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None, share: str | None,
+                tls_cert: Path | None, tls_key: Path | None, allowed_hosts: tuple[str, ...], open_reads: bool | None) -> None:
     """Deliver releases to devices and collect their state, and serve the operators' HTTP API, until interrupted.
 
-    The API (OpenAPI description at /v1/openapi.json) backs `push` and `status` with --fleet URL.
+    The API (OpenAPI description at /v1/openapi.json) backs `push`, `status` and the rest with
+    --fleet URL, and serves the dashboard at /. Operators sign in with tokens from `edgeops
+    operator add`; plain HTTP only on loopback, elsewhere give --tls-cert and --tls-key
+    (e.g. `edgeops fleet serve ./fleet --http 0.0.0.0:8420 --tls-cert api.pem --tls-key api.key
+    --allowed-host fleet.lan`).
 
     \b
     Examples:
       edgeops fleet serve ./fleet
-      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --http 0.0.0.0:8420
+      edgeops fleet serve ./fleet --broker mqtts://broker.lan:8883
       edgeops fleet serve ./fleet --on-drift 'edgeops drift export --fleet ./fleet --model "$EDGEOPS_MODEL" -o ./retrain'
-      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --share ingest
+      edgeops fleet serve ./fleet --broker mqtts://broker.lan:8883 --share ingest
     """
     from edgeops.fleet.server import serve
 
-    serve(directory, broker, http, on_drift, share)
+    serve(directory, broker, http, on_drift, share,
+          {"tls_cert": tls_cert, "tls_key": tls_key, "allowed_hosts": allowed_hosts, "open_reads": open_reads})
 
 
 @fleet.command("ingest")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--broker", help="Broker (mqtt://HOST:PORT); default: the fleet's.")
+@click.option("--broker", help="Broker (mqtts://HOST:PORT); default: the fleet's.")
 @click.option("--share", metavar="GROUP", required=True,
               help="Shared-subscription group, the one given to `edgeops fleet serve --share`.")
 @click.option("--worker", type=click.IntRange(1), default=1, show_default=True,
-              help="This worker's number: its broker login; each running worker needs its own.")
+              help="This worker's number: its certificate (pki/ingest-N); each running worker needs its own.")
 def fleet_ingest(directory: Path, broker: str | None, share: str, worker: int) -> None:
     """Run an extra telemetry ingest worker, writing the fleet's registry, until interrupted.
 
@@ -334,7 +356,7 @@ def fleet_ingest(directory: Path, broker: str | None, share: str, worker: int) -
     \b
     Examples:
       edgeops fleet mosquitto-config ./fleet -o ./broker --ingest-workers 2
-      edgeops fleet serve ./fleet --broker mqtt://127.0.0.1:1883 --share ingest
+      edgeops fleet serve ./fleet --broker mqtts://broker.lan:8883 --share ingest
       edgeops fleet ingest ./fleet --share ingest --worker 1
       edgeops fleet ingest ./fleet --share ingest --worker 2
     """
@@ -348,13 +370,16 @@ def fleet_ingest(directory: Path, broker: str | None, share: str, worker: int) -
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the files into.")
 @click.option("--bind", help="Address the listener binds (default: every interface).")
 @click.option("--ingest-workers", type=click.IntRange(0), default=0, show_default=True,
-              help="Broker logins for this many `edgeops fleet ingest` workers (numbers 1 to N).")
+              help="Certificates for this many `edgeops fleet ingest` workers (numbers 1 to N).")
 def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None, ingest_workers: int) -> None:
-    """Write Mosquitto password, ACL and config files that confine each device to its own topics.
+    """Write Mosquitto ACL and config files: mutual TLS with the fleet CA, each device confined to its own topics.
 
-    Writes OUT/passwd, OUT/acl and OUT/mosquitto.conf (a listener on the fleet's broker port that
-    refuses anonymous clients). Run it again after enrolling devices, then reload Mosquitto (SIGHUP).
-    passwd is mode 0600: hand it over to the broker's user if that is another one.
+    Writes OUT/acl and OUT/mosquitto.conf: one TLS listener on the fleet's broker port that requires
+    a client certificate from the fleet CA, checks the fleet's CRL, and takes the device id from the
+    certificate. There is no plaintext listener. New devices need no reload; after `edgeops device
+    revoke`, run it again and reload Mosquitto (SIGHUP; restart it to close the device's open
+    connection). The broker reads the fleet's pki/ folder (broker.key is mode 0600): run it as the
+    fleet's user or hand the files over. `fleet serve` without --broker does all of this itself.
 
     \b
     Examples:
@@ -367,8 +392,25 @@ def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None, ingest_
     from edgeops.fleet.mosquitto import write_config
 
     files = write_config(FleetHome.open(directory), out, bind, ingest_workers)
-    click.echo(f"wrote {files['passwd']}, {files['acl']} and {files['conf']}; start the broker with:")
+    click.echo(f"wrote {files['acl']} and {files['conf']}; start the broker with:")
     click.echo(f"  mosquitto -c {files['conf']}")
+
+
+@fleet.command("broker-cert")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--broker-host", "broker_hosts", multiple=True, metavar="NAME",
+              help="A host name or address devices reach the broker by, added to those it has (repeatable).")
+def fleet_broker_cert(directory: Path, broker_hosts: tuple[str, ...]) -> None:
+    """Issue the broker's TLS certificate again, for its names plus new ones; then restart the broker.
+
+    \b
+    Example:
+      edgeops fleet broker-cert ./fleet --broker-host broker.lan --broker-host 10.0.0.5
+    """
+    from edgeops.fleet.home import FleetHome, issue_broker_certificate
+
+    names = issue_broker_certificate(FleetHome.open(directory), list(broker_hosts))
+    click.echo(f"broker certificate issued for {', '.join(names)}; restart the broker (or `fleet serve`) to use it")
 
 
 @cli.group()
@@ -427,8 +469,10 @@ def device() -> None:
     """Devices of a fleet.
 
     \b
-    Example:
+    Examples:
       edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet ./fleet -o ./pi-001
+      edgeops device renew pi-001 --fleet ./fleet
+      edgeops device revoke pi-001 --fleet ./fleet --reason "stolen"
     """
 
 
@@ -444,9 +488,13 @@ def device() -> None:
               help="Samples per drift window the agent tests against the bundle's reference.")
 @click.option("--outbox-mb", type=click.IntRange(1), default=16, show_default=True,
               help="Bound of the agent's telemetry outbox; the oldest records go (counted) when full.")
+@click.option("--cert-days", type=click.IntRange(1), default=365, show_default=True,
+              help="Validity of the device's certificate; renew it with `edgeops device renew`.")
+@click.option("--re-enroll", is_flag=True, help="Enroll again an id that was revoked (with new credentials).")
 def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_dir: Path, out: Path, capture: int,
-                  drift_window: int, outbox_mb: int) -> None:
-    """Register a device and write its configuration and pinned root of trust.
+                  drift_window: int, outbox_mb: int, cert_days: int, re_enroll: bool) -> None:
+    """Register a device and write its configuration: its certificate and key, the fleet CA it pins,
+    and the pinned root of trust. Copy the folder to the device (it holds the device's private key).
 
     \b
     Examples:
@@ -457,12 +505,53 @@ def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_d
     from edgeops.fleet.registry import parse_labels
 
     settings = {"capture": capture, "drift_window": drift_window, "outbox_bytes": outbox_mb * 2**20}
-    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out, settings)
+    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out, settings, cert_days, re_enroll)
     click.echo(f"enrolled {device_id}; on the device run: edgeops agent run {out}")
 
 
+@device.command("revoke")
+@click.argument("device_id")
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--reason", default="", help="Why, kept in the registry.")
+def device_revoke(device_id: str, fleet_dir: Path, reason: str) -> None:
+    """Revoke a device: its certificate onto the CRL, out of every rollout, kept in the registry as history.
+
+    `fleet serve` running its own broker applies it within a second (and closes the device's
+    connection); a broker you run needs `edgeops fleet mosquitto-config` again and a restart.
+
+    \b
+    Example:
+      edgeops device revoke pi-001 --fleet ./fleet --reason "stolen"
+    """
+    from edgeops.fleet.home import FleetHome, revoke_device
+
+    serials = revoke_device(FleetHome.open(fleet_dir), device_id, reason)
+    click.echo(f"revoked {device_id} ({len(serials)} certificate{'s' if len(serials) != 1 else ''} on the CRL). "
+               "With your own broker: `edgeops fleet mosquitto-config` again, then restart it.")
+
+
+@device.command("renew")
+@click.argument("device_id")
+@click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+@click.option("--days", type=click.IntRange(1), default=365, show_default=True, help="Validity of the new certificate.")
+def device_renew(device_id: str, fleet_dir: Path, days: int) -> None:
+    """Issue a device a new certificate for its key; `fleet serve` sends it over the device's connection.
+
+    \b
+    Example:
+      edgeops device renew pi-001 --fleet ./fleet --days 365
+    """
+    from edgeops.fleet.home import FleetHome, renew_device
+    from edgeops.protocol import certs
+
+    pem = renew_device(FleetHome.open(fleet_dir), device_id, days)
+    _, not_after = certs.serial_and_expiry(pem)
+    click.echo(f"renewed {device_id}'s certificate until {time.strftime('%Y-%m-%d', time.gmtime(not_after))}; "
+               "the device installs it when `fleet serve` sends it")
+
+
 _FLEET_HELP = "Fleet directory, or the URL of its HTTP API (http://HOST:PORT, see `edgeops fleet serve`)."
-_TOKEN_HELP = "API token for --fleet URL (api_token in the fleet's fleet.json)."
+_TOKEN_HELP = "API token for --fleet URL (from `edgeops operator add`; api_token in fleet.json is fleet-admin's)."
 
 
 @device.command("list")
@@ -554,10 +643,15 @@ def push(bundles: tuple[Path, ...], fleet_at: str, token: str | None, key: Path 
                                "repository; to sign with an offline key, push with --fleet DIR --key KEY")
         release = client.push(fleet_at, token, list(bundles), parse_labels(selector), plan.to_dict())
     else:
+        from edgeops.fleet import audit
         from edgeops.fleet.home import FleetHome
         from edgeops.fleet.home import push as push_release
+        from edgeops.fleet.registry import open_db
 
-        release = push_release(FleetHome.open(fleet_at), list(bundles), parse_labels(selector), key, plan)
+        home = FleetHome.open(fleet_at)
+        with audit.recorded(open_db(home.db_path), audit.cli_actor(), "push", ", ".join(b.name for b in bundles)) as entry:
+            release = push_release(home, list(bundles), parse_labels(selector), key, plan)
+            entry.object = f"release {release} ({entry.object})"
     if as_json:
         _echo_json({"release": release, "rollout": release, "plan": plan.to_dict()})
     else:
@@ -601,18 +695,20 @@ def _rollout_action(action: str, help_text: str, example: str = ""):
         if client.is_url(fleet_at):
             result = client.act(fleet_at, token, rollout_id, action, reason)
         else:
+            from edgeops.fleet import audit
             from edgeops.fleet.home import FleetHome, withdraw_rolled_back
             from edgeops.fleet.registry import open_db
             from edgeops.fleet import rollout as engine
 
             home = FleetHome.open(fleet_at)
             db = open_db(home.db_path)
-            result = engine.act(db, rollout_id, action, reason)
-            if action == "rollback":  # unsign it now, so devices may go back even before `fleet serve` runs
-                for done, names in withdraw_rolled_back(home, db, key).items():
-                    engine.record(db, done, "withdraw", f"unsigned {', '.join(names)}: its devices may return to "
-                                                        "their previous release", "operator")
-                result = engine.summary(db, rollout_id)
+            with audit.recorded(db, audit.cli_actor(), f"rollout {action}", f"rollout {rollout_id}", reason):
+                result = engine.act(db, rollout_id, action, reason)
+                if action == "rollback":  # unsign it now, so devices may go back even before `fleet serve` runs
+                    for done, names in withdraw_rolled_back(home, db, key).items():
+                        engine.record(db, done, "withdraw", f"unsigned {', '.join(names)}: its devices may return to "
+                                                            "their previous release", "operator")
+                    result = engine.summary(db, rollout_id)
         if as_json:
             _echo_json(result)
         else:
@@ -675,6 +771,121 @@ def status(fleet_at: str, token: str | None, as_json: bool) -> None:
     from edgeops.fleet.views import render_status
 
     render_status(data, _stdout_console())
+
+
+@cli.group()
+def operator() -> None:
+    """Operators of the fleet's HTTP API: named tokens, each with a role.
+
+    A viewer reads; an operator also pushes and steers rollouts; an admin also manages operators.
+    The fleet's api_token (fleet.json) is the admin `fleet-admin` until it is revoked.
+
+    \b
+    Examples:
+      edgeops operator add alice --role operator --fleet ./fleet
+      edgeops operator list --fleet ./fleet --json
+      edgeops operator revoke fleet-admin --fleet ./fleet
+    """
+
+
+def _operators_db(fleet_dir: Path):
+    """The fleet's registry, with `fleet-admin` on the current api_token."""
+    from edgeops.fleet import operators
+    from edgeops.fleet.home import FleetHome
+    from edgeops.fleet.registry import open_db
+
+    home = FleetHome.open(fleet_dir)
+    db = open_db(home.db_path)
+    operators.sync_fleet_admin(db, home.config.get("api_token"))
+    return db
+
+
+_FLEET_DIR = click.option("--fleet", "fleet_dir", required=True, type=click.Path(path_type=Path), help="Fleet directory.")
+
+
+@operator.command("add")
+@click.argument("name")
+@click.option("--role", required=True, help="viewer, operator or admin.")
+@_FLEET_DIR
+def operator_add(name: str, role: str, fleet_dir: Path) -> None:
+    """Issue a token for operator NAME; it is printed once (alone on stdout), and the fleet keeps only its hash.
+
+    \b
+    Examples:
+      edgeops operator add alice --role operator --fleet ./fleet
+      EDGEOPS_TOKEN=$(edgeops operator add ci --role operator --fleet ./fleet) edgeops push ... --fleet https://fleet.lan:8420
+    """
+    from edgeops.fleet import audit, operators
+
+    db = _operators_db(fleet_dir)
+    with audit.recorded(db, audit.cli_actor(), "operator add", f"operator {name} ({role})"):
+        token = operators.add(db, name, role)
+    click.echo(token)
+    click.echo(f"operator {name} ({role}) added; this is the only time its token is shown", err=True)
+
+
+@operator.command("list")
+@_FLEET_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: name, role, created_at, revoked_at.")
+def operator_list(fleet_dir: Path, as_json: bool) -> None:
+    """Every operator, revoked ones too; never a token.
+
+    \b
+    Example:
+      edgeops operator list --fleet ./fleet
+    """
+    from edgeops.fleet import operators
+
+    found = operators.listing(_operators_db(fleet_dir))
+    if as_json:
+        _echo_json(found)
+        return
+    for o in found:
+        revoked = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(o['revoked_at']))}" if o["revoked_at"] else "active"
+        click.echo(f"{o['name']:<24} {o['role']:<9} {revoked}")
+
+
+@operator.command("revoke")
+@click.argument("name")
+@_FLEET_DIR
+def operator_revoke(name: str, fleet_dir: Path) -> None:
+    """Revoke operator NAME's token at once (the API checks every request against the registry).
+
+    \b
+    Example:
+      edgeops operator revoke fleet-admin --fleet ./fleet
+    """
+    from edgeops.fleet import audit, operators
+
+    db = _operators_db(fleet_dir)
+    with audit.recorded(db, audit.cli_actor(), "operator revoke", f"operator {name}"):
+        operators.revoke(db, name)
+    click.echo(f"operator {name} revoked")
+
+
+@cli.command("audit")
+@click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
+@click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="The latest this many entries.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: t, actor, action, object, result, detail; newest first.")
+def audit_log(fleet_at: str, token: str | None, limit: int, as_json: bool) -> None:
+    """The audit log: every change, who made it (an operator, cli:USER, or the rollout engine), and its result.
+
+    \b
+    Examples:
+      edgeops audit --fleet ./fleet --limit 20
+      edgeops audit --fleet https://fleet.lan:8420 --token "$EDGEOPS_TOKEN" --json
+    """
+    from edgeops.fleet import audit, client
+
+    found = _read_fleet(fleet_at, lambda url: client.audit(url, token, limit), lambda db: audit.entries(db, limit))
+    if as_json:
+        _echo_json(found)
+        return
+    for e in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["t"]))
+        click.echo(f"{when}  {e['actor']:<16} {e['action']:<16} {e['object']:<32} {e['result']}"
+                   + (f"  ({e['detail']})" if e["detail"] else ""))
 
 
 @cli.group()

@@ -1,7 +1,7 @@
 """`edgeops demo`: the product end to end on its embedded defaults, with nothing to set up.
 
 Train a real model (an MLP on scikit-learn's bundled digits) and build it for two boards whose
-profiles differ; start the embedded broker, a fleet with its API and dashboard, and a dozen agents
+profiles differ; start the fleet's own Mosquitto (mutual TLS with the fleet CA), the fleet with its API and dashboard, and a dozen agents
 as real `edgeops agent run` processes; apps call each agent's inference API all along. Version 1
 rolls out in stages, gated by its health. Version 2, a smaller model trained on 4x4 thumbnails,
 breaks the apps (they send 8x8 images): it fails its error-rate gate on the canary and the fleet
@@ -11,7 +11,6 @@ flags the model version "retraining recommended", and the captured samples are e
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from edgeops.compiler.build import BuildRequest, build
 from edgeops.examples import ExampleModel, train_digits_mlp
 from edgeops.fleet import registry, rollout
 from edgeops.fleet.api import ApiServer
-from edgeops.fleet.broker import EmbeddedBroker, free_port
+from edgeops.fleet.broker import ManagedBroker, free_port
 from edgeops.fleet.drift import export, flagged
 from edgeops.fleet.drift import report as drift_report
 from edgeops.fleet.home import FleetHome, enroll_device, init_fleet, push
@@ -94,7 +93,7 @@ def _build_all(model: ExampleModel, version: str, outdir: Path, console: Console
 
 
 class Demo:
-    """The running parts: embedded broker, fleet server and API, agent processes, the apps' traffic."""
+    """The running parts: the fleet's Mosquitto (mutual TLS), fleet server and API, agent processes, the apps' traffic."""
 
     def __init__(self, workdir: Path, console: Console):
         self.workdir, self.console = workdir, console
@@ -105,15 +104,12 @@ class Demo:
         self.apps: list[threading.Thread] = []
 
     def __enter__(self) -> "Demo":
-        # amqtt logs its own races when many clients connect at once; the clients retry.
-        for noisy in ("amqtt", "asyncio"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)
-        self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
-        self.home = init_fleet(self.workdir / "fleet", self.broker.url)
+        self.home = init_fleet(self.workdir / "fleet", f"mqtts://127.0.0.1:{free_port()}")
+        self.broker = ManagedBroker(self.home).start()
         for device_id, profile in self.devices.items():
             enroll_device(self.home, device_id, profile, {"site": "demo"}, self.workdir / "devices" / device_id, AGENT_SETTINGS)
         self.db = registry.open_db(self.home.db_path)
-        self.server = FleetServer(self.home, self.broker.url).start()
+        self.server = FleetServer(self.home, self.home.broker_url, broker=self.broker).start()
         self.api = ApiServer(FleetHome.open(self.home.path), "127.0.0.1:0").start()
         return self
 

@@ -44,13 +44,14 @@ from edgeops.agent.transport import FetchError, Link
 from edgeops.agent.trust import ExpiredMetadata, TrustError, TrustStore
 from edgeops.protocol.bundle import atomic_write, canonical_json, read_manifest
 from edgeops.protocol.errors import EdgeopsError
-from edgeops.protocol.mqtt import KEEPALIVE_S
+from edgeops.protocol import certs
+from edgeops.protocol.mqtt import KEEPALIVE_S, TlsFiles
 
 log = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 4 * 1024 * 1024
 RETRY_S = (1, 2, 5, 10, 30)
-
 STOP_S = 1.5  # the longest a stop waits for each telemetry thread (they see `stop` within a second)
+
 
 @dataclass(frozen=True)
 class DeviceConfig:
@@ -59,8 +60,7 @@ class DeviceConfig:
     profile: str
     broker: str
     labels: dict[str, str]
-    username: str | None = None  # broker credentials; absent for a broker that allows anonymous clients
-    password: str | None = None
+    tls: TlsFiles | None = None  # the fleet CA to pin, this device's certificate and key (device.json "tls")
     options: dict[str, Any] | None = None  # device.json "agent": outbox_bytes, metrics_interval_s, drift_window, capture,
     # keepalive_s (MQTT keepalive: a silent link to the broker is given up within twice this), ... (docs/agent.md)
 
@@ -76,8 +76,10 @@ class DeviceConfig:
         path = Path(device_dir)
         try:
             data = json.loads((path / "device.json").read_text())
+            tls = data.get("tls")
             return cls(path, data["id"], data["profile"], data["broker"], data.get("labels", {}),
-                       data.get("username"), data.get("password"), data.get("agent") or {})
+                       TlsFiles(path / tls["ca"], path / tls["cert"], path / tls["key"]) if tls else None,
+                       data.get("agent") or {})
         except FileNotFoundError:
             raise EdgeopsError(f"{path} has no device.json; create it with `edgeops device enroll`") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -101,8 +103,8 @@ class Agent:
         keepalive = self.config.option("keepalive_s", KEEPALIVE_S)
         if not 1 <= keepalive <= 65535:  # MQTT's two bytes; paho takes 0 as "never"
             raise EdgeopsError(f"{self.config.path / 'device.json'}: agent.keepalive_s must be 1 to 65535 seconds")
-        self.link = Link(self.config.id, self.config.broker, self._desired.put,
-                         self.config.username, self.config.password, keepalive)
+        self.link = Link(self.config.id, self.config.broker, self._desired.put, self.config.tls, keepalive)
+        self.link.on_cert = self.renew_certificate
         outbox = Outbox(state / "outbox.db", self.config.option("outbox_bytes", DEFAULT_MAX_BYTES))
         self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),
                                    float(self.config.option("metrics_interval_s", 30.0)),
@@ -148,7 +150,34 @@ class Agent:
     def report(self, release: Any = None, state: str | None = None, reason: str = "") -> None:
         execution = {"release": release, "state": state, "reason": reason} if state else None
         self.link.report({"online": True, "profile": self.config.profile, "installed": self.installed(),
-                          "execution": execution, "clock": self.trust.clock.skew()})
+                          "execution": execution, "clock": self.trust.clock.skew(), "cert_expires": self._cert_expires()})
+
+    def _cert_expires(self) -> str | None:
+        """When this device's certificate expires (UTC, ISO 8601), for the fleet's expiry warnings."""
+        if self.config.tls is None:
+            return None
+        try:
+            return certs.load(self.config.tls.cert.read_bytes()).not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OSError, EdgeopsError):
+            return None
+
+    def renew_certificate(self, offered: bytes) -> None:
+        """Replace this device's certificate with the one the fleet offers, if the pinned CA signed it
+        for this device and key and it lasts longer (protocol/certs.py); it is used from the next connection."""
+        tls = self.config.tls
+        if tls is None:
+            return
+        try:
+            current = tls.cert.read_bytes()
+            if offered.strip() == current.strip():
+                return
+            certs.check_renewal(tls.ca.read_bytes(), current, offered)
+            atomic_write(tls.cert, offered)
+        except (OSError, EdgeopsError) as exc:
+            log.warning("refused the certificate offered on the cert topic: %s", exc)
+            return
+        log.warning("installed a renewed certificate, valid until %s; the next state report carries it",
+                    self._cert_expires())
 
     def run(self, stop: threading.Event, api: str | None = None) -> None:
         """Serve until `stop` is set: connect, report, serve inference (on `api` HOST:PORT too, when

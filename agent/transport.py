@@ -49,7 +49,7 @@ class Link:
     """One device's MQTT session. Callbacks run on paho's thread; fetches block the caller."""
 
     def __init__(self, device_id: str, broker_url: str, on_desired: Callable[[dict[str, Any]], None],
-                 username: str | None = None, password: str | None = None, keepalive: int = mqttlib.KEEPALIVE_S):
+                 tls: mqttlib.TlsFiles | None = None, keepalive: int = mqttlib.KEEPALIVE_S):
         self.device_id = device_id
         self._on_desired = on_desired
         self._replies: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
@@ -63,8 +63,9 @@ class Link:
         self._stopping = threading.Event()
         self.epoch = 0  # connections made so far: a new value means unacknowledged publishes may be lost
         self.on_ack: Callable[[list[int]], None] | None = None  # seqs of telemetry the fleet stored
+        self.on_cert: Callable[[bytes], None] | None = None  # a certificate the fleet offers this device
         offline = wire.encode({"device": device_id, "online": False})
-        self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, username, password,
+        self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, tls,
                                      will=(wire.topic(device_id, "state"), offline), keepalive=keepalive)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()
@@ -83,7 +84,6 @@ class Link:
         paho would otherwise hold on to its unacknowledged publishes until the keepalive gives up."""
         self._stopping.set()
         self.client.disconnect()
-
         stopper = threading.Thread(target=self.client.loop_stop, name="edgeops-mqtt-stop", daemon=True)
         stopper.start()
         stopper.join(STOP_S)
@@ -98,6 +98,7 @@ class Link:
                 if time.monotonic() >= deadline:
                     raise
         raise FetchError("the agent is stopping")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._forget_telemetry_publishes()
         if reason_code.is_failure:
@@ -133,10 +134,15 @@ class Link:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
+            # Only this device's exact topics, and the stream being received: a broker that
+            # delivers anything else (as the embedded amqtt did) is not acted on.
             if message.topic.startswith(wire.STREAMS + "/"):
-                self._stream.put(wire.parse_stream_block(message.payload))
+                if self._stream_path and message.topic == wire.stream_topic(self._stream_path):
+                    self._stream.put(wire.parse_stream_block(message.payload))
                 return
-            _, leaf = wire.parse_topic(message.topic)
+            device_id, leaf = wire.parse_topic(message.topic)
+            if device_id != self.device_id:
+                raise wire.WireError("not this device's topic")
             if leaf == "desired":
                 self._on_desired(wire.decode(message.payload, {}))
             elif leaf == "blocks":
@@ -145,6 +151,8 @@ class Link:
                 (self._stream if streamed else self._replies).put((header, data))
             elif leaf == "acks" and self.on_ack is not None:
                 self.on_ack(wire.parse_telemetry_ack(message.payload))
+            elif leaf == "cert" and self.on_cert is not None and message.payload:
+                self.on_cert(message.payload)
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)
         except Exception:  # never let a callback kill paho's network thread

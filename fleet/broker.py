@@ -45,9 +45,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def mosquitto_binary() -> str:
-    """The path of the `mosquitto` program; a one-line instruction if it is not installed."""
-    found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
-                                                          "/opt/homebrew/sbin/mosquitto") if Path(p).exists()), None)
+    """The path of the `mosquitto` program (EDGEOPS_MOSQUITTO, else found on PATH or where packages
+    put it); a one-line instruction if it is not installed."""
+    if "EDGEOPS_MOSQUITTO" in os.environ:
+        found = shutil.which(os.environ["EDGEOPS_MOSQUITTO"])
+    else:
+        found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
+                                                              "/opt/homebrew/sbin/mosquitto") if Path(p).exists()), None)
     if found is None:
         raise EdgeopsError("Mosquitto is not installed: `apt-get install mosquitto` (Debian, Ubuntu) or "
                            "`brew install mosquitto`, or give `--broker mqtts://HOST:PORT` of a broker you run")

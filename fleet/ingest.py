@@ -17,9 +17,9 @@ Invariants:
 - A transient database error (the write lock held past the busy timeout, a full disk) retries the
   same burst; the messages stay unacknowledged meanwhile. Any other error drops the burst, logged:
   it would fail again, and unacknowledged messages would fill the broker's in-flight window.
-- Each ingest worker logs in as its own broker user (`mosquitto.worker_credentials`): the generated
-  broker configuration uses the username as client id, so two workers under one name would evict
-  each other; and a worker may only read telemetry and write acks.
+- Each ingest worker connects with its own certificate (`pki/ingest-N.pem`, made by `fleet
+  mosquitto-config --ingest-workers N`): the broker uses its name as client id, so two workers under
+  one name would evict each other; and a worker may only read telemetry and write acks.
 - Every worker writes the same registry (SQLite in WAL mode): each transaction takes the write lock
   up front (BEGIN IMMEDIATE) and waits up to BUSY_TIMEOUT_S for it, so writers take turns.
 """
@@ -157,8 +157,11 @@ class IngestWorker:
     def __init__(self, home: FleetHome, broker_url: str, worker: int = 1, share: str | None = None):
         self.topic = telemetry_filter(share)
         self.db = open_registry(home)
-        username, password = mosquitto.worker_credentials(home, worker)
-        self.client = mqttlib.client(username, broker_url, username, password)
+        name = mosquitto.worker_name(worker)
+        if not (home.pki / f"{name}.pem").exists():
+            raise EdgeopsError(f"ingest worker {worker} has no certificate; run `edgeops fleet mosquitto-config "
+                               f"--ingest-workers {worker}` (or more) first, then reload the broker")
+        self.client = mqttlib.client(f"{mosquitto.FLEET_USER}-{name}", broker_url, home.client_tls(name))
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: log.info("subscribed to %s", self.topic)
@@ -183,8 +186,8 @@ class IngestWorker:
         if not reason_code.is_failure:
             client.subscribe(self.topic, 1)
         else:
-            log.error("broker refused ingest worker login %s (%s): the broker knows workers 1 to N of "
-                      "`edgeops fleet mosquitto-config --ingest-workers N`", client.username, reason_code)
+            log.error("broker refused ingest worker %s (%s): the broker knows workers 1 to N of "
+                      "`edgeops fleet mosquitto-config --ingest-workers N`", client._client_id.decode(), reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:

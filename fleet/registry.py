@@ -2,7 +2,10 @@
 
 Invariants: the database is the only fleet state besides the TUF repository; every write is one
 transaction; execution rows only move between the states in `edgeops.protocol.wire.STATES`; every
-device has a `credentials` row with the salted hash of its broker password, never the password.
+certificate the fleet CA issued is in `certificates` (serial, subject, expiry), never its key.
+A revoked device leaves `devices` for `revoked_devices` (kept for history) in one transaction with
+its certificates' revocation, so no rollout, gate or telemetry query can see it again; only an
+explicit re-enrollment brings the id back, with a new certificate.
 A device's desired release (`devices.desired_release`) is written only by the rollout engine
 (edgeops.fleet.rollout), which bumps `desired_seq` with it, so the server republishes only on change.
 Every release has exactly one rollout, with the same id, created in the same transaction.
@@ -32,6 +35,7 @@ import sqlite_utils
 from edgeops.fleet import derived, rollout, telemetry
 from edgeops.fleet.sql import transaction
 from edgeops.fleet.plan import Plan
+from edgeops.protocol import certs
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.wire import DEVICE_ID
 
@@ -67,8 +71,12 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
         {"release_id": int, "profile": str, "target": str, "sha256": str, "length": int},
         pk=("release_id", "profile"), foreign_keys=[("release_id", "releases", "id")], if_not_exists=True,
     )
-    db["credentials"].create({"device": str, "password_hash": str}, pk="device", if_not_exists=True,
-                             not_null={"password_hash"})
+    # Serials are 159-bit: stored as decimal text, beyond SQLite's integers.
+    db["certificates"].create({"serial": str, "subject": str, "not_after": float, "issued_at": float, "revoked_at": float,
+                               "pem": str},
+                              pk="serial", if_not_exists=True, not_null={"subject", "not_after"})
+    db["revoked_devices"].create({"id": str, "profile": str, "labels": str, "enrolled_at": float, "revoked_at": float,
+                                  "reason": str}, pk="id", if_not_exists=True)
     db["executions"].create(
         {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
         pk=("device", "release_id"), if_not_exists=True,
@@ -80,21 +88,85 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     return db
 
 
-def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict[str, str], password_hash: str) -> None:
-    """Add a device and the hash of its broker password, in one transaction."""
+def check_enrollable(db: sqlite_utils.Database, device_id: str, replace_revoked: bool = False) -> None:
+    """Raise unless `device_id` may be enrolled now: a valid id, not enrolled, and not revoked
+    unless `replace_revoked` (re-enrolling a revoked id must be asked for)."""
     if not DEVICE_ID.match(device_id):
         raise EdgeopsError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if db["devices"].count_where("id = ?", [device_id]):
         raise EdgeopsError(f"device {device_id} is already enrolled")
+    if not replace_revoked and db["revoked_devices"].count_where("id = ?", [device_id]):
+        raise EdgeopsError(f"device {device_id} was revoked; enroll it again only on purpose, with --re-enroll")
+
+
+def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict[str, str], cert_pem: bytes,
+           replace_revoked: bool = False) -> None:
+    """Add a device and its certificate, in one transaction."""
+    check_enrollable(db, device_id, replace_revoked)
+    now = time.time()
     with transaction(db):
+        db.execute("delete from revoked_devices where id = ?", [device_id])
         db.execute("insert into devices (id, profile, labels, enrolled_at, online) values (?, ?, ?, ?, 0)",
-                   [device_id, profile, json.dumps(labels, sort_keys=True), time.time()])
-        db.execute("insert into credentials (device, password_hash) values (?, ?)", [device_id, password_hash])
+                   [device_id, profile, json.dumps(labels, sort_keys=True), now])
+        _insert_certificate(db, device_id, cert_pem, now)
 
 
-def password_hashes(db: sqlite_utils.Database) -> dict[str, str]:
-    """Device id -> broker password hash, for every device enrolled with credentials."""
-    return {row["device"]: row["password_hash"] for row in db["credentials"].rows_where(order_by="device")}
+def add_certificate(db: sqlite_utils.Database, device_id: str, cert_pem: bytes) -> None:
+    """Record a renewed certificate of an enrolled device."""
+    with transaction(db):
+        _insert_certificate(db, device_id, cert_pem, time.time())
+
+
+def _insert_certificate(db: sqlite_utils.Database, device_id: str, cert_pem: bytes, now: float) -> None:
+    serial, not_after = certs.serial_and_expiry(cert_pem)
+    db.execute("insert into certificates (serial, subject, not_after, issued_at, pem) values (?, ?, ?, ?, ?)",
+               [str(serial), device_id, not_after, now, cert_pem.decode()])
+
+
+def latest_certificates(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
+    """Enrolled device id -> its newest unrevoked certificate: {serial, not_after, pem}."""
+    rows = db.execute("select c.subject, c.serial, c.not_after, c.pem from certificates c join devices d on d.id = c.subject "
+                      "where c.revoked_at is null order by c.not_after").fetchall()
+    return {subject: {"serial": serial, "not_after": not_after, "pem": pem} for subject, serial, not_after, pem in rows}
+
+
+def revoke(db: sqlite_utils.Database, device_id: str, reason: str = "") -> list[int]:
+    """Revoke a device: out of `devices` into `revoked_devices`, every certificate of it revoked; the
+    serials revoked. Its executions stay, as history."""
+    row = db.execute("select id, profile, labels, enrolled_at from devices where id = ?", [device_id]).fetchone()
+    if row is None:
+        raise EdgeopsError(f"no enrolled device {device_id}; `edgeops status` lists them")
+    now = time.time()
+    with transaction(db):
+        db.execute("insert or replace into revoked_devices (id, profile, labels, enrolled_at, revoked_at, reason) "
+                   "values (?, ?, ?, ?, ?, ?)", [*row, now, reason])
+        db.execute("delete from devices where id = ?", [device_id])
+        db.execute("update certificates set revoked_at = ? where subject = ? and revoked_at is null", [now, device_id])
+    return [int(s) for (s,) in db.execute("select serial from certificates where subject = ? and revoked_at = ?",
+                                          [device_id, now])]
+
+
+CERT_WARNING_S = 30 * 86400
+
+
+def expiring_certificates(db: sqlite_utils.Database, within_s: float = CERT_WARNING_S) -> list[dict[str, Any]]:
+    """Enrolled devices whose newest certificate expires within `within_s` (or has expired), soonest first."""
+    soon = time.time() + within_s
+    return sorted(({"device": device, "not_after": cert["not_after"]} for device, cert in latest_certificates(db).items()
+                   if cert["not_after"] < soon), key=lambda c: c["not_after"])
+
+
+def revoked_serials(db: sqlite_utils.Database) -> list[int]:
+    return [int(s) for (s,) in db.execute("select serial from certificates where revoked_at is not null")]
+
+
+def revoked_ids(db: sqlite_utils.Database) -> list[str]:
+    return [i for (i,) in db.execute("select id from revoked_devices order by id")]
+
+
+def identities_generation(db: sqlite_utils.Database) -> tuple[Any, ...]:
+    """Changes when a certificate is issued or revoked: when the broker's CRL and ACL must follow."""
+    return tuple(db.execute("select count(*), max(issued_at), max(revoked_at) from certificates").fetchone())
 
 
 def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -382,4 +454,5 @@ def status(db: sqlite_utils.Database) -> dict[str, Any]:
     return {"devices": listed, "device_counts": counts, "releases": releases(db), "rollouts": rollout.summaries(db),
             "decisions": rollout.decisions(db), "attention": rollout.attention(db, listed),
             "drift": [{"model": f["model"], "version": f["version"], "status": "retraining recommended",
-                       "devices": f["devices"]} for f in drift.flagged(db)], "anomalies": anomalies(db)}
+                       "devices": f["devices"]} for f in drift.flagged(db)], "anomalies": anomalies(db),
+            "certificates": expiring_certificates(db)}

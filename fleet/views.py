@@ -84,6 +84,12 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         for f in data["drift"]:
             _add(flags, f["model"], f["version"], f["status"], ", ".join(f.get("devices", [])) or "-")
         console.print(flags)
+    for cert in data.get("certificates", []):
+        days = (cert["not_after"] - time.time()) / 86400
+        when = f"expired {-days:.0f} days ago" if days < 0 else f"expires in {days:.0f} days"
+        console.print(Text(f"warning: {cert['device']}'s certificate {when} "
+                           f"({time.strftime('%Y-%m-%d', time.gmtime(cert['not_after']))}): "
+                           f"edgeops device renew {cert['device']} --fleet DIR", style="yellow"))
     if data.get("anomalies"):
         claims = _table("anomalies: reports the fleet did not count", "device", "claimed", "fleet assigned", "times",
                         "last")

@@ -1,25 +1,23 @@
-"""Shared pieces for fleet tests: real brokers (Mosquitto and the embedded amqtt), a restartable
-Mosquitto secured with the files `edgeops fleet mosquitto-config` writes, releases built from the
+"""Shared pieces for fleet tests: fleets on their real, restartable Mosquitto secured as `edgeops
+fleet serve` runs it (mutual TLS with the fleet CA, the generated ACL), releases built from the
 real digits MLP for two profiles, and waiting on conditions with a deadline."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from edgeops.compiler.build import BuildRequest, build
-from edgeops.fleet.broker import EmbeddedBroker, free_port
+from edgeops.fleet import ca
+from edgeops.fleet.broker import ManagedBroker, free_port
+from edgeops.fleet.broker import mosquitto_binary as broker_binary
 from realparts import missing
-from edgeops.fleet.home import FleetHome
+from edgeops.fleet.home import FleetHome, init_fleet
 from edgeops.fleet.plan import make_plan
-from edgeops.fleet.mosquitto import write_config
-from edgeops.protocol.mqtt import BrokerAddress
+from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.mqtt import TlsFiles
 
 DEADLINE_S = 60
 PROFILES = ("x86-vnni", "rpi4")
@@ -38,79 +36,70 @@ def wait_for(condition, what: str, timeout: float = DEADLINE_S):
 
 
 def mosquitto_binary() -> str:
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if binary is None:
-        missing("mosquitto is not installed (apt-get install mosquitto)")
-    return binary
+    try:
+        return broker_binary()
+    except EdgeopsError as exc:
+        missing(str(exc))
 
 
-def mosquitto_broker(tmp_path: Path):
-    binary = mosquitto_binary()
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: _listening(port), "mosquitto to listen", 10)
-    return f"mqtt://127.0.0.1:{port}", proc.terminate
+ATTACKER = "_test-attacker"  # a client with every right on the broker: the tests' attacker who owns it
 
 
-class Mosquitto:
-    """A real Mosquitto run from a config file on a fixed port; `stop()` then `start()` restarts it on
-    the same port, with whatever it persisted (a SIGTERM'd Mosquitto saves its persistence file)."""
+class FleetBroker(ManagedBroker):
+    """The fleet's private Mosquitto as `fleet serve` runs it (TLS, client certificates, CRL, the
+    generated ACL, persistence in the fleet's broker/ folder; stop() then start() restarts it on the
+    same port with what it persisted), plus an ACL entry for ATTACKER, for the tests that play an
+    attacker who owns the broker."""
 
-    def __init__(self, conf: Path, port: int):
-        self.conf, self.port, self.log = conf, port, conf.with_suffix(".log")
-        self.proc: subprocess.Popen | None = None
+    def _write(self) -> Path:
+        conf = super()._write()
+        with open(self.folder / "acl", "a") as fh:
+            fh.write(f"\nuser {ATTACKER}\ntopic readwrite #\n")
+        with open(conf, "a") as fh:
+            fh.write("log_type all\n")  # the whole story in broker/mosquitto.log when a test fails
+        return conf
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> "Mosquitto":
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_for(lambda: _listening(self.port) or self.proc.poll() is not None, "mosquitto to listen", 10)
-        assert self.proc.poll() is None, f"mosquitto exited: {self.log.read_text()[-2000:]}"
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        return self.home.broker_url
 
 
-def secured_mosquitto(home: FleetHome, conf_dir: Path, ingest_workers: int = 0) -> Mosquitto:
-    """Mosquitto on the fleet's broker port with the generated passwd/acl/config (with logins for
-    `ingest_workers` ingest workers), plus persistence.
-
-    Run again (write the files, then restart) after enrolling more devices."""
-    files = write_config(home, conf_dir, "127.0.0.1", ingest_workers)
-    extra = ["persistence true", f"persistence_location {files['conf'].parent}/", f"log_dest file {conf_dir / 'broker.log'}",
-             "log_type all"]
-    if os.geteuid() == 0:  # as root Mosquitto switches to user `mosquitto`, who cannot read the 0600 passwd
-        extra.append("user root")
-    with open(files["conf"], "a") as fh:
-        fh.write("\n".join(extra) + "\n")
-    return Mosquitto(files["conf"], BrokerAddress.parse(home.config["broker"]).port).start()
+def new_fleet(root: Path, lifetimes: dict[str, int] | None = None, name: str = "fleet") -> FleetHome:
+    """A fleet (CA, registry, repository) whose broker URL is a free loopback port, with a
+    certificate for ATTACKER in its pki/ (`attacker_tls`)."""
+    mosquitto_binary()  # a missing broker fails (CI) or skips before any work
+    home = init_fleet(root / name, f"mqtts://127.0.0.1:{free_port()}", lifetimes)
+    ca.write_issued(ca.issue(home.pki, ATTACKER), home.pki / "attacker.pem", home.pki / "attacker.key")
+    return home
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
+def attacker_tls(home: FleetHome) -> TlsFiles:
+    return home.client_tls("attacker")
 
 
-@pytest.fixture(params=["mosquitto", "amqtt"])
-def broker(request, tmp_path):
-    if request.param == "mosquitto":
-        url, stop = mosquitto_broker(tmp_path)
-    else:
-        embedded = EmbeddedBroker("127.0.0.1", free_port()).start()
-        url, stop = embedded.url, embedded.stop
-    yield url
-    stop()
+def device_tls(device_dir: Path) -> TlsFiles:
+    return TlsFiles(device_dir / "tls" / "ca.pem", device_dir / "tls" / "device.pem", device_dir / "tls" / "device.key")
+
+
+def secured_mosquitto(home: FleetHome, conf_dir: Path | None = None, ingest_workers: int = 0) -> FleetBroker:
+    """The fleet's Mosquitto, started (with certificates for `ingest_workers` ingest workers)."""
+    return FleetBroker(home, "127.0.0.1", ingest_workers).start()
+
+
+@pytest.fixture
+def fleet_home(tmp_path):
+    """A factory: `fleet_home(lifetimes=None, root=tmp_path)` makes a fleet and starts its Mosquitto;
+    every broker started stops at teardown."""
+    brokers: list[FleetBroker] = []
+
+    def make(lifetimes: dict[str, int] | None = None, root: Path = tmp_path) -> FleetHome:
+        home = new_fleet(root, lifetimes)
+        brokers.append(secured_mosquitto(home))
+        return home
+
+    yield make
+    for b in brokers:
+        b.stop()
 
 
 @pytest.fixture(scope="session")

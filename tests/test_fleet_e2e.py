@@ -1,6 +1,5 @@
-"""End to end over a real broker: fleet init → serve → enroll 3 devices on 2 profiles → push → all
-active on their own bundle → push v2 → all on v2. Runs on Mosquitto (what CI installs) and on the
-embedded amqtt broker (the zero-setup default)."""
+"""End to end over the fleet's own Mosquitto (mutual TLS): fleet init → serve → enroll 3 devices on
+2 profiles → push → all active on their own bundle → push v2 → all on v2."""
 
 from __future__ import annotations
 
@@ -10,19 +9,19 @@ from pathlib import Path
 
 from edgeops.agent.service import Agent
 from edgeops.fleet import registry
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, fleet_home, releases, wait_for  # noqa: E402,F401  (fixtures)
 
-def test_push_reaches_every_device_on_its_profile(broker, releases, tmp_path):
-    home = init_fleet(tmp_path / "fleet", broker)
+def test_push_reaches_every_device_on_its_profile(fleet_home, releases, tmp_path):
+    home = fleet_home()
     devices = {"dev-a": "x86-vnni", "dev-b": "x86-vnni", "dev-c": "rpi4"}
     for device_id, profile in devices.items():
         enroll_device(home, device_id, profile, {"site": "lab"}, tmp_path / device_id)
-    server = FleetServer(home, broker).start()
+    server = FleetServer(home, home.broker_url).start()
     stop = threading.Event()
     agents = [Agent(tmp_path / d) for d in devices]
     threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
