@@ -1,16 +1,18 @@
 """Client of the fleet's HTTP API (edgeops.fleet.api) for `edgeops push/status --fleet URL`; urllib only.
 
-Invariant: every failure — no token, unreachable server, an error answer, an answer that is not
-JSON — is one EdgeopsError naming the fleet URL and, when the server gave one, its reason.
+Invariants: every failure — no token, unreachable server, an error answer, an answer that is not
+JSON — is one EdgeopsError naming the fleet URL and, when the server gave one, its reason. Bundles
+are streamed from their files as multipart/form-data, never read whole into memory. HTTPS
+certificates are checked against the system's CAs, or the file SSL_CERT_FILE names.
 """
 
 from __future__ import annotations
 
-import base64
 import json
+import secrets
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -30,16 +32,41 @@ def is_url(fleet: str) -> bool:
 def push(url: str, token: str | None, bundles: list[Path], selector: dict[str, str], plan: dict[str, Any] | None = None) -> int:
     """Upload bundles of one model version as a release (POST /v1/releases) rolled out under `plan`
     (`Plan.to_dict()`; default: the server's safe defaults); return the release id."""
-    items = []
-    for path in map(Path, bundles):
+    paths = list(map(Path, bundles))
+    for path in paths:
         try:
-            data = path.read_bytes()
+            path.stat()
         except OSError as exc:
             raise EdgeopsError(f"cannot read bundle {path}: {exc.strerror}") from None
-        items.append({"name": path.name, "data": base64.b64encode(data).decode("ascii")})
-    answer = _call(url, token, "POST", "/v1/releases", {"bundles": items, "select": selector, **({"plan": _as_settings(plan)} if plan else {})},
-                   PUSH_TIMEOUT_S)
+    fields = {"select": json.dumps(selector), **({"plan": json.dumps(_as_settings(plan))} if plan else {})}
+    body, length, content_type = multipart(fields, paths)
+    answer = _call(url, token, "POST", "/v1/releases", body, PUSH_TIMEOUT_S,
+                   {"Content-Type": content_type, "Content-Length": str(length)})
     return answer["release"]
+
+
+def multipart(fields: dict[str, str], bundles: list[Path]) -> tuple[Iterable[bytes], int, str]:
+    """A multipart/form-data body of text `fields` and `bundle` file parts, as chunks read from the
+    files while sent, its length, and its content type."""
+    boundary = secrets.token_hex(16)
+    heads = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="{path.name}"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n").encode() for path in bundles]
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(map(len, heads)) + sum(len(p) + path.stat().st_size + 2 for p, path in zip(parts, bundles)) + len(tail)
+
+    def chunks() -> Iterator[bytes]:
+        yield from heads
+        for part, path in zip(parts, bundles):
+            yield part
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+            yield b"\r\n"
+        yield tail
+
+    return chunks(), length, f"multipart/form-data; boundary={boundary}"
 
 
 def status(url: str, token: str | None) -> dict[str, Any]:
@@ -71,6 +98,11 @@ def drift(url: str, token: str | None, model: str | None) -> dict[str, Any]:
     return _call(url, token, "GET", f"/v1/drift?{query}", None, STATUS_TIMEOUT_S)
 
 
+def audit(url: str, token: str | None, limit: int) -> list[dict[str, Any]]:
+    """The latest `limit` audit entries, newest first (GET /v1/audit), as `edgeops.fleet.audit.entries` returns them."""
+    return _call(url, token, "GET", f"/v1/audit?limit={limit}", None, STATUS_TIMEOUT_S)["entries"]
+
+
 def devices(url: str, token: str | None, page: int | None = None, **filters: str) -> Iterator[dict[str, Any]]:
     """Every device matching `filters` (online, state, q: as GET /v1/devices takes them), by id,
     fetched a page of `page` devices at a time (default: the server's) by following `next`."""
@@ -82,14 +114,15 @@ def devices(url: str, token: str | None, page: int | None = None, **filters: str
         after = answer["next"]
 
 
-def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float) -> Any:
-    """Reads need no token; changes do."""
+def _call(url: str, token: str | None, method: str, path: str, body: Any, timeout: float,
+          headers: dict[str, str] | None = None) -> Any:
+    """`body`: JSON, or chunks with their `headers`. Reads may need no token (the server says); changes do."""
     if not token and method != "GET":
-        raise EdgeopsError(f"changing the fleet through its API needs its token: pass --token or set {TOKEN_ENV} "
-                           "(it is api_token in the fleet's fleet.json)")
-    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    data = None
-    if body is not None:
+        raise EdgeopsError(f"changing the fleet through its API needs a token: pass --token or set {TOKEN_ENV} "
+                           "(`edgeops operator add NAME --role operator --fleet DIR` issues one)")
+    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+    data = body
+    if body is not None and "Content-Type" not in headers:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)

@@ -118,12 +118,12 @@ def test_bad_paging_parameters_get_a_one_line_400(api, query):
 
 def test_bad_drift_devices_parameter_gets_a_400(api):
     status, answer = _get(api, "/v1/drift?devices=some")
-    assert status == 400 and answer == {"error": "devices must be drifting (the default) or all"}
+    assert status == 400 and answer == {"error": "query.devices: Input should be 'drifting' or 'all'"}
 
 
 @pytest.mark.parametrize("where", ["url", "dir"])
 def test_device_list_reads_every_page_or_stops_at_limit(api, where):
-    fleet = api.url if where == "url" else str(api._httpd.api.home.path)
+    fleet = api.url if where == "url" else str(api.fleet.home.path)
 
     def listed(*options: str) -> list[str]:
         result = CliRunner().invoke(cli, ["device", "list", "--fleet", fleet, "--json", *options])
