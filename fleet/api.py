@@ -812,7 +812,7 @@ class Guard:
                                    {"WWW-Authenticate": 'Bearer realm="edgeops"'})
             state["operator"] = await anyio.to_thread.run_sync(self.fleet.read, operators.authenticate, token.strip())
             if state["operator"] is None:
-                return _json_error(401, f"wrong or revoked token ({_ISSUE})",
+                return _json_error(401, f"wrong token: revoked, or never issued ({_ISSUE})",
                                    {"WWW-Authenticate": 'Bearer realm="edgeops", error="invalid_token"'})
         if needs is None:
             return None
