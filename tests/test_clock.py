@@ -27,15 +27,14 @@ import pytest
 from edgeops.agent.clock import SKEW_S, Clock, Evidence
 from edgeops.fleet import registry, trust
 from edgeops.fleet import server as server_module
-from edgeops.fleet.broker import free_port
-from edgeops.fleet.home import enroll_device, init_fleet
+from edgeops.fleet.home import enroll_device
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import read_bundle
 from tuf.api.metadata import Metadata
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, secured_mosquitto, wait_for
+from fleetkit import AT_ONCE, new_fleet, secured_mosquitto, wait_for
 from realparts import missing
 from test_fleet_faults import AgentProcess, release_bundle
 
@@ -177,11 +176,11 @@ def rig(tmp_path, monkeypatch):
         missing("libfaketime is not installed (apt-get install faketime)")
     signing = Frozen()
     monkeypatch.setattr(server_module, "trust", signing)
-    home = init_fleet(tmp_path / "fleet", f"mqtt://127.0.0.1:{free_port()}", {"timestamp": 4})
+    home = new_fleet(tmp_path, {"timestamp": 4})
     device_dir = tmp_path / "dev-1"
     enroll_device(home, "dev-1", "x86-vnni", {}, device_dir)
     broker = secured_mosquitto(home, tmp_path / "broker")
-    server = FleetServer(home, home.config["broker"])
+    server = FleetServer(home, home.broker_url)
     server.start()
     fake = tmp_path / "faketime"
     fake.write_text("+0\n")
