@@ -10,13 +10,13 @@ import paho.mqtt.client as mqtt
 
 from edgeops.agent.service import Agent
 from edgeops.fleet import registry
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol import wire
 from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, attacker_tls, fleet_home, releases, wait_for  # noqa: E402,F401  (fixtures)
 
 GARBAGE = [b"", b"\xff\xfe not utf-8", b"not json", b"[1, 2, 3]", b'{"req": "x"}', b"{" * 100_000,
            wire.fetch_request(1, "../../etc/passwd", 0), wire.fetch_request(2, "metadata/timestamp.json", -5),
@@ -28,8 +28,9 @@ GARBAGE = [b"", b"\xff\xfe not utf-8", b"not json", b"[1, 2, 3]", b'{"req": "x"}
            wire.stream_request(7, f"targets/{'a' * 64}.x.edgeops", range(400_000))]
 
 
-def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, releases, tmp_path):
-    home = init_fleet(tmp_path / "fleet", broker)
+def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(fleet_home, releases, tmp_path):
+    home = fleet_home()
+    broker = home.broker_url
     enroll_device(home, "dev-1", PROFILES[0], {}, tmp_path / "dev-1")
     server = FleetServer(home, broker).start()
     agent = Agent(tmp_path / "dev-1")
@@ -38,6 +39,7 @@ def test_garbage_on_every_topic_is_dropped_and_delivery_still_works(broker, rele
     thread.start()
     address = BrokerAddress.parse(broker)
     attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="garbage")
+    attacker.tls_set_context(attacker_tls(home).context())  # a client with every right on the broker
     attacker.connect(address.host, address.port)
     attacker.loop_start()
     try:
