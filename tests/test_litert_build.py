@@ -28,14 +28,14 @@ from edgeops.agent.slots import SlotStore
 from edgeops.compiler import litert
 from edgeops.compiler.build import BuildRequest, build
 from edgeops.fleet import registry
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import read_bundle
 from edgeops.protocol.errors import EdgeopsError
 from realparts import missing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, mosquitto_broker, wait_for  # noqa: E402
+from fleetkit import AT_ONCE, fleet_home, wait_for  # noqa: E402,F401  (fixture)
 
 pytestmark = pytest.mark.heavy
 
@@ -199,10 +199,10 @@ def test_nothing_is_downloaded(tmp_path, converter):
     assert json.loads(proc.stdout)["quality"]["drop"] <= 0.01
 
 
-def test_an_agent_with_a_litert_profile_runs_a_pushed_bundle(mlp, tmp_path):
+def test_an_agent_with_a_litert_profile_runs_a_pushed_bundle(mlp, fleet_home, tmp_path):
     model, report = mlp
-    url, stop_broker = mosquitto_broker(tmp_path)
-    home = init_fleet(tmp_path / "fleet", url)
+    home = fleet_home()
+    url = home.broker_url
     enroll_device(home, "coral-1", "coral-devboard", {}, tmp_path / "coral-1")
     server = FleetServer(home, url).start()
     stop = threading.Event()
@@ -222,4 +222,3 @@ def test_an_agent_with_a_litert_profile_runs_a_pushed_bundle(mlp, tmp_path):
         stop.set()
         thread.join(timeout=10)
         server.stop()
-        stop_broker()
