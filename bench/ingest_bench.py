@@ -4,8 +4,8 @@ against raw Mosquitto throughput of the same messages to a plain subscriber, mea
     python bench/ingest_bench.py [--devices 200] [--records 1000] [--batch 500] [--procs 2] [--json out.json]
 
 Everything is real: a fleet directory with `--devices` enrolled devices, Mosquitto started from the
-files `edgeops fleet mosquitto-config` writes (passwords, ACL, one connection per device under its
-own credentials), and the fleet as subprocesses (`edgeops fleet serve`, plus `edgeops fleet ingest`
+files `edgeops fleet mosquitto-config` writes (mutual TLS with the fleet CA, ACL, one connection per
+device with its own certificate), and the fleet as subprocesses (`edgeops fleet serve`, plus `edgeops fleet ingest`
 for the second worker, both on the shared subscription `$share/bench/...`).
 
 Each simulated device forwards `--records` telemetry records exactly as agent/telemetry.py does:
@@ -16,7 +16,7 @@ message for a batch arrives, and a batch sent again if unacknowledged after ACK_
 
 Phases, each with fresh device processes and new seqs:
 - **raw**: the devices publish all their batches (QoS 1, no waiting for the fleet) to one plain paho
-  subscriber logged in as an ingest worker, which only counts records; timed until it has them all;
+  subscriber with ingest worker 1's certificate, which only counts records; timed until it has them all;
 - **edgeops, N workers**: timed from the start signal until `sum(received)` over `telemetry_devices`
   in the registry grew by every record (each record committed once, then acknowledged).
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fanout_bench import Workers, _split, _wait, cpu_seconds  # noqa: E402
 
 SHARE = "bench"
-MAX_WORKERS = 4  # ingest worker logins in the broker configuration
+MAX_WORKERS = 4  # ingest worker certificates in the broker configuration
 BODY = '{"model":"digits","version":"1.0.0","latency_ms":%.4f,"ok":true,"samples":1,"classes":[%d],"confidences":[0.%04d]}'
 
 
@@ -55,7 +55,7 @@ BODY = '{"model":"digits","version":"1.0.0","latency_ms":%.4f,"ok":true,"samples
 class SimDevice:
     """One device's telemetry forwarder: agent/telemetry.py's flow control over pre-made batches."""
 
-    def __init__(self, device_id: str, password: str, url: str, payloads: list[tuple[int, int, bytes]], wait_acks: bool):
+    def __init__(self, device_id: str, tls, url: str, payloads: list[tuple[int, int, bytes]], wait_acks: bool):
         from edgeops.protocol import mqtt as mqttlib
         from edgeops.protocol import wire
 
@@ -64,7 +64,7 @@ class SimDevice:
         self.in_flight: dict[tuple[int, int], tuple[bytes, float]] = {}
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
-        self.client = mqttlib.client(f"edgeops-agent-{device_id}", url, device_id, password,
+        self.client = mqttlib.client(f"edgeops-agent-{device_id}", url, tls,
                                      will=(wire.topic(device_id, "state"), wire.encode({"device": device_id, "online": False})))
         self.client.on_connect = lambda c, *a: c.subscribe(wire.topic(device_id, "acks"), 1)
         self.client.on_subscribe = lambda *a: self.subscribed.set()
@@ -132,12 +132,12 @@ def make_payloads(device_id: str, first_seq: int, records: int, batch: int) -> l
             for chunk in (rows[i : i + per_batch] for i in range(0, len(rows), per_batch))]
 
 
-def _device_worker(url: str, creds: list[tuple[str, str]], first_seq: int, records: int, batch: int, wait_acks: bool,
+def _device_worker(url: str, creds: list[tuple], first_seq: int, records: int, batch: int, wait_acks: bool,
                    go, ready: mp.Queue, stop) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    devices = [SimDevice(d, pw, url, make_payloads(d, first_seq, records, batch), wait_acks) for d, pw in creds]
+    devices = [SimDevice(d, tls, url, make_payloads(d, first_seq, records, batch), wait_acks) for d, tls in creds]
     deadline = time.monotonic() + 60
     for device in devices:
         device.subscribed.wait(max(0.0, deadline - time.monotonic()))
@@ -161,17 +161,18 @@ def _device_worker(url: str, creds: list[tuple[str, str]], first_seq: int, recor
 
 def start_mosquitto(home, work: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """Mosquitto with the files `edgeops fleet mosquitto-config` writes, plus `extra` lines."""
+    import getpass
+
+    from edgeops.fleet.broker import mosquitto_binary
     from edgeops.fleet.mosquitto import write_config
     from edgeops.protocol.mqtt import BrokerAddress
 
-    files = write_config(home, work / "broker", "127.0.0.1", ingest_workers=MAX_WORKERS)
-    lines = ["persistence false", f"log_dest file {work / 'broker' / 'mosquitto.log'}", *extra]
-    if os.geteuid() == 0:  # as root Mosquitto switches to user `mosquitto`, who cannot read the 0600 passwd
-        lines.append("user root")
-    with open(files["conf"], "a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    port = BrokerAddress.parse(home.config["broker"]).port
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    lines = ["persistence false", f"log_dest file {work / 'broker' / 'mosquitto.log'}",
+             f"user {getpass.getuser()}",  # as root Mosquitto would switch to user `mosquitto`, who cannot read the keys
+             *extra]
+    files = write_config(home, work / "broker", "127.0.0.1", ingest_workers=MAX_WORKERS, extra=lines)
+    port = BrokerAddress.parse(home.broker_url).port
+    binary = mosquitto_binary()
     proc = subprocess.Popen([binary, "-c", str(files["conf"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(stop_process, proc)
     log = work / "broker" / "mosquitto.log"
@@ -195,16 +196,22 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def enroll_many(home, n: int, labels: dict[str, str]) -> list[tuple[str, str]]:
-    """Enroll `n` devices (profile x86-vnni) in one registry connection; their (id, broker password)."""
-    from edgeops.fleet import mosquitto, registry
+def enroll_many(home, n: int, labels: dict[str, str]) -> list[tuple]:
+    """Enroll `n` devices (profile x86-vnni) in one registry connection, each with a certificate from
+    the fleet CA (in `devices/ID/` next to the fleet); their (id, TlsFiles)."""
+    from edgeops.fleet import ca, registry
+    from edgeops.protocol.mqtt import TlsFiles
 
     db = registry.open_db(home.db_path)
     creds = []
     for i in range(n):
-        device_id, password = f"dev-{i:05d}", mosquitto.new_password()
-        registry.enroll(db, device_id, "x86-vnni", labels, mosquitto.hash_password(password))
-        creds.append((device_id, password))
+        device_id = f"dev-{i:05d}"
+        folder = home.path.parent / "devices" / device_id
+        folder.mkdir(parents=True)
+        issued = ca.issue(home.pki, device_id)
+        ca.write_issued(issued, folder / "device.pem", folder / "device.key")
+        registry.enroll(db, device_id, "x86-vnni", labels, issued.cert)
+        creds.append((device_id, TlsFiles(home.pki / "ca.pem", folder / "device.pem", folder / "device.key")))
     db.conn.close()
     return creds
 
@@ -252,7 +259,7 @@ def start_fleet(home, url: str, workers: int, work: Path) -> list[FleetProcess]:
 class Devices:
     """Device processes connected and subscribed, waiting for `go()`."""
 
-    def __init__(self, ctx, url: str, creds: list[tuple[str, str]], procs: int, first_seq: int, records: int,
+    def __init__(self, ctx, url: str, creds: list[tuple], procs: int, first_seq: int, records: int,
                  batch: int, wait_acks: bool):
         self.ready, self.go_event = ctx.Queue(), ctx.Event()
         groups = _split(creds, procs)
@@ -296,9 +303,9 @@ def _cpu(pids: list[int]) -> float:
 def raw_phase(ctx, home, url: str, creds, args, total: int, broker_pid: int) -> dict[str, float]:
     import paho.mqtt.client as mqtt
 
-    from edgeops.fleet.mosquitto import worker_credentials
-    from edgeops.protocol import mqtt as mqttlib
+    from edgeops.fleet.mosquitto import worker_name
     from edgeops.protocol import wire
+    from edgeops.protocol.mqtt import BrokerAddress
 
     count, lock, subscribed = [0], threading.Lock(), threading.Event()
 
@@ -307,8 +314,13 @@ def raw_phase(ctx, home, url: str, creds, args, total: int, broker_pid: int) -> 
         with lock:
             count[0] += n
 
-    username, password = worker_credentials(home, 1)
-    sub = mqttlib.client("raw-subscriber", url, username, password)
+    # Ingest worker 1's certificate (its client id is the certificate's name); a clean session, so
+    # the broker keeps nothing for it once the phase ends.
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-subscriber", clean_session=True,
+                      protocol=mqtt.MQTTv311)
+    sub.tls_set_context(home.client_tls(worker_name(1)).context())
+    address = BrokerAddress.parse(url)
+    sub.connect_async(address.host, address.port)
     sub.on_connect = lambda c, *a: c.subscribe(f"{wire.PREFIX}/+/telemetry", 1)
     sub.on_subscribe = lambda *a: subscribed.set()
     sub.on_message = on_message
@@ -373,20 +385,20 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-ingest-"))
     atexit.register(shutil.rmtree, work, True)  # registered first, so it runs after everything else stopped
-    home = init_fleet(work / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+    home = init_fleet(work / "fleet", f"mqtts://127.0.0.1:{free_port()}")
     creds = enroll_many(home, args.devices, {"bench": "ingest"})
     broker = start_mosquitto(home, work)
     ctx = mp.get_context("spawn")
     total = args.devices * args.records
     print(f"{args.devices} devices x {args.records} records, batches of <= {args.batch}, devices in {args.procs} "
-          f"processes; Mosquitto {home.config['broker']}; {os.cpu_count()} cores", flush=True)
+          f"processes; Mosquitto {home.broker_url}; {os.cpu_count()} cores", flush=True)
 
-    results = {"raw": raw_phase(ctx, home, home.config["broker"], creds, args, total, broker.pid)}
+    results = {"raw": raw_phase(ctx, home, home.broker_url, creds, args, total, broker.pid)}
     raw = results["raw"]["records_per_s"]
     print(f"raw Mosquitto -> plain subscriber: {raw:,.0f} records/s ({results['raw']['seconds']:.1f} s; CPU broker "
           f"{results['raw']['broker_cpu_s']:.1f} s, subscriber {results['raw']['subscriber_cpu_s']:.1f} s)", flush=True)
     for n, workers in enumerate(int(w) for w in args.workers.split(",")):
-        r = edgeops_phase(ctx, home, home.config["broker"], creds, args, total, 1 + (n + 1) * args.records, workers,
+        r = edgeops_phase(ctx, home, home.broker_url, creds, args, total, 1 + (n + 1) * args.records, workers,
                           broker.pid, work)
         results[f"workers_{workers}"] = r
         print(f"edgeops ingest, {workers} worker(s): {r['records_per_s']:,.0f} records/s committed "
