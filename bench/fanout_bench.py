@@ -2,16 +2,18 @@
 
     python bench/fanout_bench.py [--agents 200] [--procs 4] [--model cnn|mlp] [--bundle PATH] [--timeout 120]
 
-Both phases run in the same run, against the same Mosquitto (started here on a free port: anonymous,
-no persistence, no queue limits), with the same process layout: N clients as threads spread over
+Both phases run in the same run, against the same Mosquitto (started here on a free port with the
+files `edgeops fleet mosquitto-config` writes: mutual TLS with the fleet CA, the fleet's ACL; plus no
+persistence, no queue limits), with the same process layout: N clients as threads spread over
 `--procs` worker processes, and the sender (fleet server / raw publisher) in this process.
 
 - **edgeops**: a real bundle (the digits CNN from tests/zoo.py built for x86-vnni, ~1.2 MB; `--model
   mlp` for the small demo MLP) is pushed to N enrolled `edgeops.agent.service.Agent`s, each with its
   own device directory. Timed from just before `push()` (signing included) to every execution of
   the release being `active` in the registry (download, verify, A/B install, self-test, report).
-- **raw**: one paho publisher sends the same number of bytes in 128 KiB QoS 1 messages to one topic
-  that N bare paho subscribers (QoS 1) subscribe to; timed until every subscriber has all bytes.
+- **raw**: one paho publisher (the fleet's certificate) sends the same number of bytes in 128 KiB QoS 1
+  messages to one target-stream topic that N bare paho subscribers (QoS 1, each with its own
+  certificate from the fleet CA) subscribe to; timed until every subscriber has all bytes.
 
 Prints both times and the ratio edgeops / raw. Every wait has a deadline; Mosquitto and the workers
 are stopped on exit.
@@ -33,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-RAW_TOPIC = "bench/fanout"
+RAW_TOPIC = "edgeops/v1/streams/" + "0" * 64  # a target stream: the fleet writes it, every client may read it
 CHUNK = 128 * 1024
 
 
@@ -60,7 +62,7 @@ def _agent_worker(device_dirs: list[str], ready: mp.Queue, stop: mp.Event) -> No
         t.join(timeout=5)
 
 
-def _raw_worker(url: str, ids: list[str], total: int, done: mp.Queue, ready: mp.Queue, stop: mp.Event) -> None:
+def _raw_worker(url: str, ids: list[tuple], total: int, done: mp.Queue, ready: mp.Queue, stop: mp.Event) -> None:
     import paho.mqtt.client as mqtt
 
     from edgeops.protocol.mqtt import BrokerAddress
@@ -68,9 +70,10 @@ def _raw_worker(url: str, ids: list[str], total: int, done: mp.Queue, ready: mp.
     address = BrokerAddress.parse(url)
     subscribed = threading.Semaphore(0)
     clients = []
-    for cid in ids:
+    for cid, tls in ids:
         got = [0]
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=mqtt.MQTTv311)
+        c.tls_set_context(tls.context())
         c.max_inflight_messages_set(100)
 
         def on_message(client, userdata, message, got=got, cid=cid):
@@ -108,17 +111,20 @@ def _wait(condition, what: str, timeout: float, interval: float = 0.05):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def start_mosquitto(work: Path) -> tuple[str, subprocess.Popen]:
-    from edgeops.fleet.broker import free_port
+def start_mosquitto(home, work: Path) -> tuple[str, subprocess.Popen]:
+    """The fleet's Mosquitto configuration (TLS, ACL), without persistence and queue limits."""
+    import getpass
 
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text("\n".join([
-        f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
-        "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 0", "max_inflight_bytes 0",
-        "message_size_limit 0", "max_connections -1", "set_tcp_nodelay true", f"log_dest file {work / 'mosquitto.log'}", "",
-    ]))
+    from edgeops.fleet.broker import mosquitto_binary
+    from edgeops.fleet.mosquitto import write_config
+    from edgeops.protocol.mqtt import BrokerAddress
+
+    binary = mosquitto_binary()
+    port = BrokerAddress.parse(home.broker_url).port
+    conf = write_config(home, work / "broker", "127.0.0.1", extra=[
+        "persistence false", "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 0",
+        "max_inflight_bytes 0", "message_size_limit 0", "max_connections -1", f"log_dest file {work / 'mosquitto.log'}",
+        f"user {getpass.getuser()}"])["conf"]  # as root Mosquitto would switch to user mosquitto, who cannot read the keys
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(lambda: (proc.terminate(), proc.wait(timeout=10)) if proc.poll() is None else None)
 
@@ -132,7 +138,7 @@ def start_mosquitto(work: Path) -> tuple[str, subprocess.Popen]:
             return False
 
     _wait(listening, "mosquitto to listen", 10)
-    return f"mqtt://127.0.0.1:{port}", proc
+    return home.broker_url, proc
 
 
 def build_bundle(model: str, work: Path) -> Path:
@@ -189,18 +195,28 @@ def _split(items: list, procs: int) -> list[list]:
     return [items[i::procs] for i in range(procs) if items[i::procs]]
 
 
-def raw_phase(ctx, url: str, payload: bytes, n: int, procs: int, timeout: float) -> float:
+def raw_phase(ctx, home, work: Path, payload: bytes, n: int, procs: int, timeout: float) -> float:
     import paho.mqtt.client as mqtt
 
-    from edgeops.protocol.mqtt import BrokerAddress
+    from edgeops.fleet import ca
+    from edgeops.protocol.mqtt import BrokerAddress, TlsFiles
 
+    url = home.broker_url
+    (work / "raw").mkdir(parents=True, exist_ok=True)
+    subscribers = []
+    for i in range(n):  # each subscriber with a certificate of its own, as each agent has
+        cid = f"raw-{i}"
+        cert, key = work / "raw" / f"{cid}.pem", work / "raw" / f"{cid}.key"
+        ca.write_issued(ca.issue(home.pki, cid), cert, key)
+        subscribers.append((cid, TlsFiles(home.pki / "ca.pem", cert, key)))
     ready, done = ctx.Queue(), ctx.Queue()
-    groups = _split([f"raw-{i}" for i in range(n)], procs)
+    groups = _split(subscribers, procs)
     workers = Workers(ctx, _raw_worker, [(url, ids, len(payload), done) for ids in groups], ready)
     try:
         _collect_ready(ready, len(groups), n, 90)
         address = BrokerAddress.parse(url)
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv311)
+        pub.tls_set_context(home.client_tls().context())  # the fleet's certificate: it may write target streams
         pub.max_inflight_messages_set(100)
         pub.connect(address.host, address.port, keepalive=30)
         pub.loop_start()
@@ -224,14 +240,14 @@ def raw_phase(ctx, url: str, payload: bytes, n: int, procs: int, timeout: float)
 DELIVERED = ("installing", "self-test", "active")  # execution states reached once the bytes are verified
 
 
-def edgeops_phase(ctx, url: str, bundle: Path, n: int, procs: int, work: Path, timeout: float,
+def edgeops_phase(ctx, home, bundle: Path, n: int, procs: int, work: Path, timeout: float,
                   broker_pid: int) -> dict[str, float]:
     from edgeops.fleet import registry
-    from edgeops.fleet.home import enroll_device, init_fleet, push
+    from edgeops.fleet.home import enroll_device, push
     from edgeops.fleet.plan import make_plan
     from edgeops.fleet.server import FleetServer
 
-    home = init_fleet(work / "fleet", url)
+    url = home.broker_url
     dirs = []
     for i in range(n):
         d = work / "devices" / f"dev-{i:04d}"
@@ -289,14 +305,18 @@ def main() -> None:
     atexit.register(shutil.rmtree, work, True)  # registered first, so it runs after the broker stops
     bundle = args.bundle or build_bundle(args.model, work)
     size = bundle.stat().st_size
-    url, broker = start_mosquitto(work)
+    from edgeops.fleet.broker import free_port
+    from edgeops.fleet.home import init_fleet
+
+    home = init_fleet(work / "fleet", f"mqtts://127.0.0.1:{free_port()}")
+    url, broker = start_mosquitto(home, work)
     ctx = mp.get_context("spawn")
     print(f"release: {bundle.name}, {size:,} bytes ({size / 2**20:.2f} MiB); {args.agents} clients in "
           f"{args.procs} processes; Mosquitto at {url}", flush=True)
 
-    raw = raw_phase(ctx, url, bundle.read_bytes(), args.agents, args.procs, args.timeout)
+    raw = raw_phase(ctx, home, work, bundle.read_bytes(), args.agents, args.procs, args.timeout)
     print(f"raw fan-out (128 KiB QoS 1 to {args.agents} subscribers): {raw:.2f} s", flush=True)
-    edge = edgeops_phase(ctx, url, bundle, args.agents, args.procs, work, args.timeout, broker.pid)
+    edge = edgeops_phase(ctx, home, bundle, args.agents, args.procs, work, args.timeout, broker.pid)
     blocks = -(-size // CHUNK)
     print(f"edgeops push -> {args.agents} verified: {edge['delivered_s']:.2f} s ({edge['delivered_s'] / raw:.1f}x raw); "
           f"-> {args.agents} active: {edge['active_s']:.2f} s", flush=True)
