@@ -5,7 +5,8 @@
                                       [--repeat 20] [--keep DIR] [--json out.json]
 
 The fleet (a temporary fleet home unless --keep):
-- devices enrolled in the registry's schema (bulk rows, one real broker-password hash shared), three
+- devices enrolled in the registry's schema (bulk rows, one real device certificate's PEM shared, each
+  row with a serial of its own), three
   profiles, labels (site, ring), 90 % online;
 - four releases of one model, made with `registry.create_release` (each starts its rollout):
   0.9.0 and 1.0.0 completed on every device, 1.1.0 rolled back by `rollout.act` after its 10 % stage
@@ -96,18 +97,17 @@ def _window_bodies(rng: random.Random) -> tuple[list[str], list[str]]:
 
 def build(home_dir: Path, n: int, inferences: int, metrics: int, windows: int, seed: int = 7) -> dict:
     """Create the fleet; returns what was built, for the read-back check."""
-    from edgeops.fleet import home as fleethome, registry, rollout
+    from edgeops.fleet import ca, home as fleethome, registry, rollout
     from edgeops.fleet.broker import free_port
-    from edgeops.fleet.mosquitto import hash_password
     from edgeops.fleet.plan import IN_FLIGHT, Plan
     from edgeops.fleet.sql import transaction
 
     rng = random.Random(seed)
     now = time.time()
     start = now - DAY
-    home = fleethome.init_fleet(home_dir, broker=f"mqtt://127.0.0.1:{free_port()}")
+    home = fleethome.init_fleet(home_dir, broker=f"mqtts://127.0.0.1:{free_port()}")
     db = registry.open_db(home.db_path)
-    password_hash = hash_password("bench")
+    issued = ca.issue(home.pki, "dev-bench")  # one real certificate, its PEM shared by every row
     ids = [f"dev-{i:05d}" for i in range(n)]
     profiles = rng.choices([p for p, _ in PROFILES], [w for _, w in PROFILES], k=n)
     online = {d for d in ids if rng.random() < 0.9}
@@ -118,8 +118,9 @@ def build(home_dir: Path, n: int, inferences: int, metrics: int, windows: int, s
             [(d, p, json.dumps({"ring": "canary" if i % 20 == 0 else "prod", "site": f"s{i % SITES:02d}"}, sort_keys=True),
               start - 30 * DAY, now - rng.uniform(0, 60 if d in online else DAY), int(d in online), MODEL, "1.0.0",
               f"{MODEL}-1.0.0-{p}.edgeops", "a") for i, (d, p) in enumerate(zip(ids, profiles))])
-        db.conn.executemany("insert into credentials (device, password_hash) values (?, ?)",
-                            [(d, password_hash) for d in ids])
+        db.conn.executemany("insert into certificates (serial, subject, not_after, issued_at, pem) values (?, ?, ?, ?, ?)",
+                            [(str(issued.serial + i), d, issued.not_after.timestamp(), start - 30 * DAY,
+                              issued.cert.decode()) for i, d in enumerate(ids)])
 
     def executions(release_id: int, states: dict[str, str], t: float) -> None:
         with transaction(db):
