@@ -5,8 +5,8 @@ rollout across all of them; reports time per stage and the fleet server's memory
                                       [--bundle PATH] [--telemetry-s 5] [--json out.json]
 
 Real parts: a fleet directory with `--agents` enrolled devices, Mosquitto started from the files
-`edgeops fleet mosquitto-config` writes (each device logs in under its own credentials, confined
-by the ACL), `edgeops fleet serve` as a process, and `edgeops push --stages ... --bake ...` of a
+`edgeops fleet mosquitto-config` writes (each device connects with its own certificate from the
+fleet CA, confined by the ACL), `edgeops fleet serve` as a process, and `edgeops push --stages ... --bake ...` of a
 real signed bundle (the digits MLP built for x86-vnni, or `--bundle`).
 
 Each simulated agent is a paho client (many per process, `--procs` processes) speaking the
@@ -63,7 +63,7 @@ def raise_fd_limit() -> int:
 class SimAgent:
     """One device's side of the protocol, event-driven on paho's thread; `tick()` from a timer thread."""
 
-    def __init__(self, device_id: str, password: str, url: str, telemetry_s: float):
+    def __init__(self, device_id: str, tls, url: str, telemetry_s: float):
         from edgeops.protocol import mqtt as mqttlib
         from edgeops.protocol import wire
 
@@ -75,7 +75,7 @@ class SimAgent:
         self.seq, self.next_telemetry = 0, time.monotonic() + telemetry_s * (hash(device_id) % 100) / 100
         self.lock = threading.Lock()
         self.ready = threading.Event()
-        self.client = mqttlib.client(f"edgeops-agent-{device_id}", url, device_id, password,
+        self.client = mqttlib.client(f"edgeops-agent-{device_id}", url, tls,
                                      will=(wire.topic(device_id, "state"), wire.encode({"device": device_id, "online": False})))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -191,14 +191,14 @@ class SimAgent:
             self.client.publish(self._topic("telemetry"), wire.telemetry_batch(self.id, [(self.seq, "inference", time.time(), body)], 0), qos=1)
 
 
-def _agent_worker(url: str, creds: list[tuple[str, str]], telemetry_s: float, ready: mp.Queue, stop) -> None:
+def _agent_worker(url: str, creds: list[tuple], telemetry_s: float, ready: mp.Queue, stop) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     raise_fd_limit()
     agents = []
-    for device_id, password in creds:
-        agents.append(SimAgent(device_id, password, url, telemetry_s))
+    for device_id, tls in creds:
+        agents.append(SimAgent(device_id, tls, url, telemetry_s))
         time.sleep(0.002)  # a gentle ramp: 1,000 CONNECTs in the same millisecond is a reconnect storm, not a fleet
     deadline = time.monotonic() + 120
     for agent in agents:
@@ -264,12 +264,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgeops-live-"))
     atexit.register(shutil.rmtree, work, True)
     bundle = args.bundle or build_bundle("mlp", work)
-    home = init_fleet(work / "fleet", f"mqtt://127.0.0.1:{free_port()}")
+    home = init_fleet(work / "fleet", f"mqtts://127.0.0.1:{free_port()}")
     t = time.monotonic()
     creds = enroll_many(home, args.agents, {"bench": "live"})
     enroll_s = time.monotonic() - t
     broker = start_mosquitto(home, work)
-    url = home.config["broker"]
+    url = home.broker_url
     fleet = FleetProcess(["serve", str(home.path), "--broker", url, "--http", f"127.0.0.1:{free_port()}"], work / "fleet-serve.log")
     fleet.wait_subscribed()
     print(f"{args.agents} agents in {args.procs} processes; bundle {bundle.name} ({bundle.stat().st_size:,} bytes); "
