@@ -45,7 +45,7 @@ def device(work: Path, bundle: Path):
     from edgeops.protocol.bundle import read_bundle
 
     profile = read_bundle(bundle).manifest["profile"]
-    home = init_fleet(work / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(work / "fleet", "mqtts://127.0.0.1:1")  # never dialed: the device only serves
     enroll_device(home, "bench", profile, {}, work / "bench")
     agent = Agent(work / "bench")
     agent.slots.install(bundle)
