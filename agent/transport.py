@@ -64,6 +64,7 @@ class Link:
         self.epoch = 0  # connections made so far: a new value means unacknowledged publishes may be lost
         self.on_ack: Callable[[list[int]], None] | None = None  # seqs of telemetry the fleet stored
         self.on_cert: Callable[[bytes], None] | None = None  # a certificate the fleet offers this device
+        self._state: bytes | None = None  # the last state reported, published again on each reconnection
         offline = wire.encode({"device": device_id, "online": False})
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, tls,
                                      will=(wire.topic(device_id, "state"), offline), keepalive=keepalive)
@@ -108,6 +109,8 @@ class Link:
         if self._stream_path:  # a session the broker lost: the stream subscription went with it
             topics.append((wire.stream_topic(self._stream_path), 1))
         client.subscribe(topics)
+        if self._state is not None:  # the broker published our will (offline) when the link broke: online again
+            self._publish_state()
         self.epoch += 1
         self.connected.set()
 
@@ -159,9 +162,13 @@ class Link:
             log.exception("error handling message on %s", message.topic)
 
     def report(self, state: dict[str, Any]) -> None:
-        """Publish the device's state (retained, so the fleet sees the latest even after a restart)."""
-        self.client.publish(wire.topic(self.device_id, "state"), wire.encode({"device": self.device_id, **state}),
-                            qos=1, retain=True)
+        """Publish the device's state (retained, so the fleet sees the latest even after a restart),
+        and again after each reconnection, so the will the broker sent meanwhile is not the last word."""
+        self._state = wire.encode({"device": self.device_id, **state})
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        self.client.publish(wire.topic(self.device_id, "state"), self._state, qos=1, retain=True)
 
     def publish_telemetry(self, payload: bytes) -> mqtt.MQTTMessageInfo:
         return self.client.publish(wire.topic(self.device_id, "telemetry"), payload, qos=1)

@@ -6,7 +6,8 @@ Mosquitto replaced the embedded amqtt broker, which could not be made as strict:
 every retained message on the broker to any new subscription, granted a device's subscription to
 another device's topics, and ignored persistent sessions (docs/security.md).
 
-Invariants: the broker runs only while `fleet serve` does (on Linux even if it is killed), as the same user; `refresh()` rewrites
+Invariants: the broker runs only while `fleet serve` does, as the same user (one a killed server
+left running is stopped by the next start, found by its pid file); start, stop and refresh are serialized; `refresh()` rewrites
 its files from the registry and the CA and reloads it (SIGHUP: new CRL and ACL), and restarts it
 when a device was revoked, so a revoked device's open connection is closed too (every other client
 reconnects to its persisted session).
@@ -14,7 +15,6 @@ reconnects to its persisted session).
 
 from __future__ import annotations
 
-import ctypes
 import getpass
 import logging
 import os
@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,18 +70,25 @@ class ManagedBroker:
         self.folder = home.path / "broker"
         self.log_path = self.folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # the server's refresh and a caller's stop never interleave
 
     def _write(self) -> Path:
         extra = ["persistence true", f"persistence_location {self.folder.resolve()}/",
                  f"log_dest file {self.log_path.resolve()}", "log_type error", "log_type warning", "log_type notice",
+                 f"pid_file {(self.folder / 'mosquitto.pid').resolve()}",
                  f"user {getpass.getuser()}"]  # Mosquitto started as root would otherwise switch to user mosquitto
         return mosquitto.write_config(self.home, self.folder, self.bind, self.ingest_workers, extra)["conf"]
 
     def start(self) -> "ManagedBroker":
+        with self._lock:
+            return self._start()
+
+    def _start(self) -> "ManagedBroker":
         binary = mosquitto_binary()
         conf = self._write()
+        _stop_leftover(self.folder / "mosquitto.pid")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _listening(self.bind, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -92,15 +100,20 @@ class ManagedBroker:
 
     def refresh(self, restart: bool) -> None:
         """Rewrite the files and reload them; restart instead when a connection must be closed."""
-        if restart:
-            self.stop()
-            self.start()
-            return
-        self._write()
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGHUP)
+        with self._lock:
+            if restart:
+                self.stop()
+                self.start()
+                return
+            self._write()
+            if self.proc is not None and self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGHUP)
 
     def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # Mosquitto saves its persistence file on SIGTERM
             try:
@@ -116,12 +129,19 @@ class ManagedBroker:
             return "no log"
 
 
-def _die_with_parent() -> None:
-    """In the broker's process before exec: SIGTERM it when `fleet serve` dies, even by SIGKILL (Linux)."""
+def _stop_leftover(pid_file: Path) -> None:
+    """Stop the Mosquitto a killed `fleet serve` left running on this fleet's folder, if any."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: stop() still stops it on every clean exit
-        pass
+        pid = int(pid_file.read_text().strip())
+        if b"mosquitto" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.warning("stopped the broker (pid %d) a previous `fleet serve` left running", pid)
 
 
 def _listening(host: str, port: int) -> bool:
