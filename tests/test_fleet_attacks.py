@@ -1,8 +1,8 @@
 """The attacks of GitHub issue 3, each staged against a real fleet over a real broker.
 
-Every test runs a real FleetServer and real agents (edgeops.agent.service.Agent, in threads) on
-Mosquitto and on the embedded amqtt broker, installs a first release, then stages one attack. For
-each attack three things must hold:
+Every test runs a real FleetServer and real agents (edgeops.agent.service.Agent, in threads, each
+with its device certificate) on the fleet's own Mosquitto (mutual TLS with the fleet CA, the generated
+ACL), installs a first release, then stages one attack. For each attack three things must hold:
 - the device refuses: its installed() is still the previous version;
 - the previous model keeps serving: the active slot, re-read from disk, loads and passes its self-test;
 - the fleet sees the refusal: an `executions` row in state "rejected" (trust refusals) or "failed",
@@ -12,8 +12,9 @@ each attack three things must hold:
 
 Attacks are staged with the means an attacker would have: a key root does not trust, write access to
 the fleet's file store, a man in the middle on the fleet's replies (a wrapper on the server's MQTT
-publish that rewrites block replies after the real server produced them), a recorder on the broker,
-a fleet whose online metadata refresh stopped.
+publish that rewrites block replies after the real server produced them), a recorder on the broker
+(a client with every right on it: an attacker who owns the broker, fleetkit.attacker_tls), a fleet
+whose online metadata refresh stopped.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from edgeops.agent.service import Agent
 from edgeops.agent.slots import SlotStore
 from edgeops.fleet import registry, trust
 from edgeops.fleet import server as server_module
-from edgeops.fleet.home import FleetHome, enroll_device, init_fleet
+from edgeops.fleet.home import FleetHome, enroll_device
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol import mqtt as mqttlib
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, PROFILES, broker, releases, wait_for  # noqa: E402,F401  (fixtures)
+from fleetkit import AT_ONCE, PROFILES, attacker_tls, fleet_home, releases, wait_for  # noqa: E402,F401  (fixtures)
 
 DEVICES = {"dev-x86": "x86-vnni", "dev-pi": "rpi4"}
 OTHER = {"x86-vnni": "rpi4", "rpi4": "x86-vnni"}
@@ -157,14 +158,14 @@ class Rig:
 
 
 @pytest.fixture
-def make_rig(broker, releases, tmp_path):
+def make_rig(fleet_home, releases, tmp_path):
     rigs = []
 
     def make(server_class: type[FleetServer] = FleetServer, lifetimes: dict[str, int] | None = None) -> Rig:
-        home = init_fleet(tmp_path / "fleet", broker, lifetimes)
+        home = fleet_home(lifetimes)  # the fleet and its Mosquitto, started
         for device_id, profile in DEVICES.items():
             enroll_device(home, device_id, profile, {"site": "lab"}, tmp_path / device_id)
-        rig = Rig(home, server_class(home, broker), releases, {d: Agent(tmp_path / d) for d in DEVICES})
+        rig = Rig(home, server_class(home, home.broker_url), releases, {d: Agent(tmp_path / d) for d in DEVICES})
         rigs.append(rig)
         return rig.start()
 
@@ -263,14 +264,16 @@ def test_an_older_version_republished(make_rig):
 
 
 class Recorder:
-    """A plain MQTT client recording every message under the devices' topics, retained or not."""
+    """A plain MQTT client recording every message under the devices' topics, retained or not: an
+    attacker who owns the broker (the certificate with every right on it; one such client at a time)."""
 
-    def __init__(self, broker_url: str):
+    def __init__(self, home: FleetHome):
         self.messages: list[tuple[str, bytes]] = []
         self.subscribed = threading.Event()
-        address = mqttlib.BrokerAddress.parse(broker_url)
+        address = mqttlib.BrokerAddress.parse(home.broker_url)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker", clean_session=True,
                                   protocol=mqtt.MQTTv311)
+        self.client.tls_set_context(attacker_tls(home).context())
         self.client.on_connect = lambda c, *_: c.subscribe([(f"{wire.PREFIX}/#", 1), (f"{wire.STREAMS}/#", 1)])
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
@@ -301,9 +304,9 @@ def desired_of(recording, release: int) -> dict[str, bytes]:
     return found
 
 
-def test_replayed_release_messages(make_rig, broker):
+def test_replayed_release_messages(make_rig):
     rig = make_rig()
-    recorder = Recorder(broker)
+    recorder = Recorder(rig.home)
     try:
         first = rig.push("1.0.0")
         recording = recorder.recording()
@@ -321,12 +324,12 @@ def test_replayed_release_messages(make_rig, broker):
     rig.still_serving("1.1.0")
 
 
-def test_replayed_metadata_answers(make_rig, broker):
+def test_replayed_metadata_answers(make_rig):
     """Stronger replay: a man in the middle answers the device's fetches with the replies recorded
     during release 1 (re-addressed to the new requests), so the device sees the old, validly signed
     metadata."""
     rig = make_rig()
-    recorder = Recorder(broker)
+    recorder = Recorder(rig.home)
     try:
         first = rig.push("1.0.0")
         recording = recorder.recording()
@@ -352,7 +355,7 @@ def test_replayed_metadata_answers(make_rig, broker):
         return reply({**old[0], "req": header["req"]}, old[1])
 
     intercept(rig.server, replay)
-    attacker = Recorder(broker)
+    attacker = Recorder(rig.home)  # the recorder is gone: one attacker client at a time
     try:
         for device_id, payload in desired_of(recording, first).items():
             attacker.publish(wire.topic(device_id, "desired"), payload, retain=True)
