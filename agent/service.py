@@ -103,7 +103,8 @@ class Agent:
         keepalive = self.config.option("keepalive_s", KEEPALIVE_S)
         if not 1 <= keepalive <= 65535:  # MQTT's two bytes; paho takes 0 as "never"
             raise EdgeopsError(f"{self.config.path / 'device.json'}: agent.keepalive_s must be 1 to 65535 seconds")
-        self.link = Link(self.config.id, self.config.broker, self._desired.put, self.config.tls, keepalive)
+        self.link = Link(self.config.id, self.config.broker, self._desired.put, self.config.tls, keepalive,
+                         self.trust.clock.floor)
         self.link.on_cert = self.renew_certificate
         outbox = Outbox(state / "outbox.db", self.config.option("outbox_bytes", DEFAULT_MAX_BYTES))
         self.telemetry = Telemetry(self.config.id, outbox, DeviceMetrics(state),

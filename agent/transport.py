@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ BLOCK_TIMEOUT_S = 10.0
 BLOCK_RETRIES = 5
 STREAM_QUIET_S = 2.0  # no new block of the target for this long: ask again for what is missing
 POLL_S = 0.2  # how often a wait for the fleet looks whether the agent is stopping
+GOODBYE_S = 1.0  # the longest `stop` waits for the broker to take the offline state
 STOP_S = 2.0  # the longest `stop` waits for paho's thread (a daemon: it cannot hold the process up)
 
 
@@ -49,7 +51,8 @@ class Link:
     """One device's MQTT session. Callbacks run on paho's thread; fetches block the caller."""
 
     def __init__(self, device_id: str, broker_url: str, on_desired: Callable[[dict[str, Any]], None],
-                 tls: mqttlib.TlsFiles | None = None, keepalive: int = mqttlib.KEEPALIVE_S):
+                 tls: mqttlib.TlsFiles | None = None, keepalive: int = mqttlib.KEEPALIVE_S,
+                 trusted_time: Callable[[], float] | None = None):
         self.device_id = device_id
         self._on_desired = on_desired
         self._replies: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
@@ -66,8 +69,13 @@ class Link:
         self.on_cert: Callable[[bytes], None] | None = None  # a certificate the fleet offers this device
         self._state: bytes | None = None  # the last state reported, published again on each reconnection
         offline = wire.encode({"device": device_id, "online": False})
+        # A device's wall clock may be wrong (agent/clock.py): the broker certificate's dates are
+        # judged against `trusted_time` (the time floor) instead, so a clock set back does not cut
+        # the device off, and one set forward does not either.
+        self._trusted_time = trusted_time
         self.client = mqttlib.client(f"edgeops-agent-{device_id}", broker_url, tls,
-                                     will=(wire.topic(device_id, "state"), offline), keepalive=keepalive)
+                                     will=(wire.topic(device_id, "state"), offline), keepalive=keepalive,
+                                     check_time=trusted_time is None)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.on_message = self._on_message
@@ -84,6 +92,13 @@ class Link:
         """Disconnect, and let paho's thread end within STOP_S: with a broker that does not answer,
         paho would otherwise hold on to its unacknowledged publishes until the keepalive gives up."""
         self._stopping.set()
+        if self.connected.is_set():  # say goodbye, as the will would: a stopped agent is not left "online"
+            offline = wire.encode({"device": self.device_id, "online": False})
+            info = self.client.publish(wire.topic(self.device_id, "state"), offline, qos=1, retain=True)
+            try:
+                info.wait_for_publish(GOODBYE_S)
+            except (RuntimeError, ValueError):  # the link broke meanwhile: the broker sends the will
+                pass
         self.client.disconnect()
         stopper = threading.Thread(target=self.client.loop_stop, name="edgeops-mqtt-stop", daemon=True)
         stopper.start()
@@ -105,6 +120,11 @@ class Link:
         if reason_code.is_failure:
             log.error("broker refused %s: %s", self.device_id, reason_code)
             return
+        expired = self._broker_certificate_expired()
+        if expired:
+            log.error("the broker's certificate expired on %s (by this device's trusted time): disconnecting", expired)
+            client.disconnect()
+            return
         topics = [(wire.topic(self.device_id, leaf), 1) for leaf in wire.DEVICE_SUBSCRIBES]
         if self._stream_path:  # a session the broker lost: the stream subscription went with it
             topics.append((wire.stream_topic(self._stream_path), 1))
@@ -113,6 +133,16 @@ class Link:
             self._publish_state()
         self.epoch += 1
         self.connected.set()
+
+    def _broker_certificate_expired(self) -> str:
+        """The broker certificate's expiry if it is past the trusted time, else ''."""
+        sock = self.client.socket()
+        if self._trusted_time is None or not hasattr(sock, "getpeercert"):
+            return ""
+        not_after = (sock.getpeercert() or {}).get("notAfter")
+        if not_after and ssl.cert_time_to_seconds(not_after) < self._trusted_time():
+            return not_after
+        return ""
 
     def _forget_telemetry_publishes(self) -> None:
         """Drop the telemetry publishes of earlier connections that paho still holds unacknowledged.

@@ -2,12 +2,11 @@
 
 The one decision here is `check_renewal`: a device replaces its certificate only with one its
 pinned fleet CA signed, for the same subject and the same key, valid for longer. So a renewal that
-reaches it over a broker it does not trust cannot change who it is, nor lock it out.
+reaches it over a broker it does not trust cannot change who it is, nor lock it out. The decision
+reads no clock: a device's wall clock may be wrong (agent/clock.py).
 """
 
 from __future__ import annotations
-
-import datetime as dt
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -50,6 +49,4 @@ def check_renewal(ca_pem: bytes, current_pem: bytes, offered_pem: bytes) -> x509
         raise EdgeopsError("the offered certificate is for another key")
     if offered.not_valid_after_utc <= current.not_valid_after_utc:
         raise EdgeopsError("the offered certificate expires no later than the current one")
-    if offered.not_valid_before_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10):
-        raise EdgeopsError("the offered certificate is not valid yet")
     return offered

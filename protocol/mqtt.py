@@ -25,6 +25,7 @@ from edgeops.protocol.errors import EdgeopsError
 
 KEEPALIVE_S = 30  # a silent connection is given up after 1.5-2x this (paho, Mosquitto)
 TLS_PORT = 8883
+NO_CHECK_TIME = 0x200000  # OpenSSL's X509_V_FLAG_NO_CHECK_TIME, which Python's ssl.VerifyFlags does not name
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,14 @@ class TlsFiles:
     cert: Path
     key: Path
 
-    def context(self) -> ssl.SSLContext:
-        """TLS 1.2+, the broker verified against `ca` and the host name, this client's certificate offered."""
+    def context(self, check_time: bool = True) -> ssl.SSLContext:
+        """TLS 1.2+, the broker verified against `ca` and the host name, this client's certificate
+        offered. Without `check_time` the broker certificate's validity dates are not checked against
+        the wall clock: a device whose clock is wrong checks them itself, against time it trusts."""
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not check_time:
+            context.verify_flags |= NO_CHECK_TIME
         try:
             context.load_cert_chain(str(self.cert), str(self.key))
         except (OSError, ssl.SSLError) as exc:
@@ -76,15 +81,16 @@ class TlsFiles:
 
 
 def client(client_id: str, url: str, tls: TlsFiles | None = None, will: tuple[str, bytes] | None = None,
-           keepalive: int = KEEPALIVE_S) -> mqtt.Client:
-    """A connected-on-start client: call `.loop_start()` after setting callbacks; it connects asynchronously."""
+           keepalive: int = KEEPALIVE_S, check_time: bool = True) -> mqtt.Client:
+    """A connected-on-start client: call `.loop_start()` after setting callbacks; it connects
+    asynchronously. `check_time`: see `TlsFiles.context`."""
     address = BrokerAddress.parse(url)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
                     protocol=mqtt.MQTTv311)
     if address.tls:
         if tls is None:
             raise EdgeopsError(f"{url} is a TLS broker: this client needs a certificate from the fleet CA")
-        c.tls_set_context(tls.context())
+        c.tls_set_context(tls.context(check_time))
     if will:
         c.will_set(will[0], will[1], qos=1, retain=True)
     c.reconnect_delay_set(min_delay=1, max_delay=30)
