@@ -279,18 +279,21 @@ def fleet() -> None:
               help="Broker URL the fleet and its devices use (mqtts://; plain mqtt:// only on loopback).")
 @click.option("--broker-host", "broker_hosts", multiple=True, metavar="NAME",
               help="Another host name or address devices reach the broker by (repeatable); its certificate covers them.")
-def fleet_init(directory: Path, broker: str, broker_hosts: tuple[str, ...]) -> None:
+@click.option("--api-host", "api_hosts", multiple=True, metavar="NAME",
+              help="Another host name or address operators reach the HTTP API by (repeatable); its certificate "
+                   "covers them, with loopback and the broker's names.")
+def fleet_init(directory: Path, broker: str, broker_hosts: tuple[str, ...], api_hosts: tuple[str, ...]) -> None:
     """Create a fleet: registry database, signing keys, TUF metadata, and the fleet's certificate
-    authority with the broker's certificate.
+    authority with the broker's certificate and the HTTP API's (pki/api.pem).
 
     \b
     Examples:
       edgeops fleet init ./fleet
-      edgeops fleet init ./fleet --broker mqtts://broker.lan:8883 --broker-host 10.0.0.5
+      edgeops fleet init ./fleet --broker mqtts://broker.lan:8883 --broker-host 10.0.0.5 --api-host fleet.lan
     """
     from edgeops.fleet.home import init_fleet
 
-    init_fleet(directory, broker, broker_hosts=list(broker_hosts))
+    init_fleet(directory, broker, broker_hosts=list(broker_hosts), api_hosts=list(api_hosts))
     click.echo(f"fleet created in {directory}. Next steps:")
     click.echo(f"  edgeops fleet serve {directory}")
     click.echo(f"  edgeops device enroll pi-001 --profile rpi4 --label site=lab --fleet {directory} -o ./pi-001")
@@ -309,22 +312,24 @@ def fleet_init(directory: Path, broker: str, broker_hosts: tuple[str, ...]) -> N
 @click.option("--share", metavar="GROUP", help="Take telemetry through the MQTT shared subscription of GROUP, "
               "with the ingest workers of `edgeops fleet ingest --share GROUP`.")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve the HTTP API over HTTPS with this "
-              "certificate (PEM); needed to bind beyond loopback.")
+              "certificate (PEM) instead of the fleet's own (pki/api.pem, from the fleet CA).")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="The private key (PEM) of --tls-cert.")
+@click.option("--plain-http", is_flag=True, help="Serve the HTTP API without TLS; only on a loopback --http.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Another name clients reach the API by, accepted in the Host header (repeatable); "
                    "loopback names and the --http address always are.")
 @click.option("--open-reads/--closed-reads", default=None,
               help="Whether reads need no token. [default: open on loopback, closed otherwise]")
 def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | None, share: str | None,
-                tls_cert: Path | None, tls_key: Path | None, allowed_hosts: tuple[str, ...], open_reads: bool | None) -> None:
+                tls_cert: Path | None, tls_key: Path | None, plain_http: bool, allowed_hosts: tuple[str, ...],
+                open_reads: bool | None) -> None:
     """Deliver releases to devices and collect their state, and serve the operators' HTTP API, until interrupted.
 
     The API (OpenAPI description at /v1/openapi.json) backs `push`, `status` and the rest with
-    --fleet URL, and serves the dashboard at /. Operators sign in with tokens from `edgeops
-    operator add`; plain HTTP only on loopback, elsewhere give --tls-cert and --tls-key
-    (e.g. `edgeops fleet serve ./fleet --http 0.0.0.0:8420 --tls-cert api.pem --tls-key api.key
-    --allowed-host fleet.lan`).
+    --fleet URL, and serves the dashboard at /. It speaks HTTPS with the fleet's certificate
+    (pki/api.pem; clients pass --ca DIR/pki/ca.pem), or --tls-cert/--tls-key; plain HTTP only with
+    --plain-http on loopback. Operators sign in with tokens from `edgeops operator add`. Add names
+    the API is reached by with `edgeops fleet api-cert DIR --api-host NAME`.
 
     \b
     Examples:
@@ -332,11 +337,12 @@ def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | 
       edgeops fleet serve ./fleet --broker mqtts://broker.lan:8883
       edgeops fleet serve ./fleet --on-drift 'edgeops drift export --fleet ./fleet --model "$EDGEOPS_MODEL" -o ./retrain'
       edgeops fleet serve ./fleet --broker mqtts://broker.lan:8883 --share ingest
+      edgeops fleet serve ./fleet --http 0.0.0.0:8420 --allowed-host fleet.lan
     """
     from edgeops.fleet.server import serve
 
-    serve(directory, broker, http, on_drift, share,
-          {"tls_cert": tls_cert, "tls_key": tls_key, "allowed_hosts": allowed_hosts, "open_reads": open_reads})
+    serve(directory, broker, http, on_drift, share, {"tls_cert": tls_cert, "tls_key": tls_key, "plain_http": plain_http,
+                                                     "allowed_hosts": allowed_hosts, "open_reads": open_reads})
 
 
 @fleet.command("ingest")
@@ -411,6 +417,25 @@ def fleet_broker_cert(directory: Path, broker_hosts: tuple[str, ...]) -> None:
 
     names = issue_broker_certificate(FleetHome.open(directory), list(broker_hosts))
     click.echo(f"broker certificate issued for {', '.join(names)}; restart the broker (or `fleet serve`) to use it")
+
+
+@fleet.command("api-cert")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--api-host", "api_hosts", multiple=True, metavar="NAME",
+              help="A host name or address operators reach the HTTP API by, added to those it has (repeatable).")
+def fleet_api_cert(directory: Path, api_hosts: tuple[str, ...]) -> None:
+    """Issue the HTTP API's TLS certificate (pki/api.pem) again, for its names plus new ones; then restart `fleet serve`.
+
+    Clients check it against the fleet CA: `--ca DIR/pki/ca.pem` or EDGEOPS_CA.
+
+    \b
+    Example:
+      edgeops fleet api-cert ./fleet --api-host fleet.lan --api-host 10.0.0.5
+    """
+    from edgeops.fleet.home import FleetHome, issue_api_certificate
+
+    names = issue_api_certificate(FleetHome.open(directory), list(api_hosts))
+    click.echo(f"API certificate issued for {', '.join(names)}; restart `fleet serve` to use it")
 
 
 @cli.group()
@@ -550,13 +575,25 @@ def device_renew(device_id: str, fleet_dir: Path, days: int) -> None:
                "the device installs it when `fleet serve` sends it")
 
 
-_FLEET_HELP = "Fleet directory, or the URL of its HTTP API (http://HOST:PORT, see `edgeops fleet serve`)."
+_FLEET_HELP = "Fleet directory, or the URL of its HTTP API (https://HOST:PORT, see `edgeops fleet serve`)."
 _TOKEN_HELP = "API token for --fleet URL (from `edgeops operator add`; api_token in fleet.json is fleet-admin's)."
+
+
+def _set_ca(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    from edgeops.fleet import client
+
+    client.ca_file = str(value) if value else None
+
+
+_CA_OPTION = click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), envvar="EDGEOPS_CA", show_envvar=True,
+                          expose_value=False, callback=_set_ca, help="CA file (PEM) the HTTPS --fleet URL's certificate "
+                          "must chain to: the fleet's pki/ca.pem [default: the system's trusted CAs].")
 
 
 @device.command("list")
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--online/--offline", default=None, help="Only devices online, or only those offline.")
 @click.option("--state", type=click.Choice([*STATES, "none"]),
               help="Only devices whose latest execution is in this state (none: no report yet).")
@@ -571,7 +608,7 @@ def device_list(fleet_at: str, token: str | None, online: bool | None, state: st
     \b
     Examples:
       edgeops device list --fleet ./fleet --offline
-      edgeops device list --fleet http://127.0.0.1:8420 --state failed --filter site=lab --json
+      edgeops device list --fleet https://127.0.0.1:8420 --state failed --filter site=lab --json
     """
     from itertools import islice
 
@@ -601,6 +638,7 @@ def device_list(fleet_at: str, token: str | None, online: bool | None, state: st
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--key", type=click.Path(path_type=Path), help="Targets signing key (PEM), if kept outside the fleet; --fleet DIR only.")
 @click.option("--select", "selector", multiple=True, help="key=value: only devices with these labels.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Rollout plan (TOML, docs/rollouts.md); the options below override it.")
@@ -629,7 +667,7 @@ def push(bundles: tuple[Path, ...], fleet_at: str, token: str | None, key: Path 
       edgeops push dist/*.edgeops --fleet ./fleet --stages 1dev,10%,100% --bake 30m --abort 'failed>2%,min=10'
       edgeops push dist/*.edgeops --fleet ./fleet --plan rollout.toml --select site=lab
       edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet ./fleet --key ~/offline/targets.pem
-      EDGEOPS_TOKEN=... edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet http://127.0.0.1:8420
+      EDGEOPS_TOKEN=... edgeops push dist/digits-1.1.0-rpi4.edgeops --fleet https://127.0.0.1:8420
     """
     from edgeops.fleet import client
     from edgeops.fleet.plan import load_plan, make_plan
@@ -667,7 +705,7 @@ def rollout() -> None:
     \b
     Examples:
       edgeops rollout pause 3 --fleet ./fleet --reason "support ticket 1234"
-      edgeops rollout rollback 3 --fleet http://127.0.0.1:8420 --token "$EDGEOPS_TOKEN"
+      edgeops rollout rollback 3 --fleet https://127.0.0.1:8420 --token "$EDGEOPS_TOKEN"
       edgeops rollout show 3 --fleet ./fleet --json
     """
 
@@ -678,11 +716,12 @@ def _rollout_action(action: str, help_text: str, example: str = ""):
     \b
     Examples:
       edgeops rollout ACTION 3 --fleet ./fleet
-      edgeops rollout ACTION 3 --fleet http://127.0.0.1:8420 --token "$EDGEOPS_TOKEN" --reason "why" --json
+      edgeops rollout ACTION 3 --fleet https://127.0.0.1:8420 --token "$EDGEOPS_TOKEN" --reason "why" --json
     """.replace("ACTION", action) + example)
     @click.argument("rollout_id", type=int)
     @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
     @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+    @_CA_OPTION
     @click.option("--key", type=click.Path(path_type=Path),
                   help="Targets signing key (PEM), if kept outside the fleet: a rollback unsigns the release with it; --fleet DIR only.")
     @click.option("--reason", default="", help="Why, for the decision log.")
@@ -729,6 +768,7 @@ _rollout_action("rollback", "End a rollout and return its devices to the release
 @click.argument("rollout_id", type=int)
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def rollout_show(rollout_id: int, fleet_at: str, token: str | None, as_json: bool) -> None:
     """One rollout: stages, device states, gates and the decisions taken, with their reasons.
@@ -736,7 +776,7 @@ def rollout_show(rollout_id: int, fleet_at: str, token: str | None, as_json: boo
     \b
     Examples:
       edgeops rollout show 3 --fleet ./fleet
-      edgeops rollout show 3 --fleet http://127.0.0.1:8420 --json
+      edgeops rollout show 3 --fleet https://127.0.0.1:8420 --json
     """
     from edgeops.fleet import client, rollout as engine
 
@@ -752,6 +792,7 @@ def rollout_show(rollout_id: int, fleet_at: str, token: str | None, as_json: boo
 @cli.command()
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(fleet_at: str, token: str | None, as_json: bool) -> None:
     """Devices and releases of a fleet.
@@ -760,7 +801,7 @@ def status(fleet_at: str, token: str | None, as_json: bool) -> None:
     Examples:
       edgeops status --fleet ./fleet
       edgeops status --fleet ./fleet --json
-      edgeops status --fleet http://127.0.0.1:8420 --token "$(jq -r .api_token ./fleet/fleet.json)"
+      edgeops status --fleet https://127.0.0.1:8420 --ca ./fleet/pki/ca.pem --token "$(jq -r .api_token ./fleet/fleet.json)"
     """
     from edgeops.fleet import client, registry
 
@@ -866,6 +907,7 @@ def operator_revoke(name: str, fleet_dir: Path) -> None:
 @cli.command("audit")
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="The latest this many entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: t, actor, action, object, result, detail; newest first.")
 def audit_log(fleet_at: str, token: str | None, limit: int, as_json: bool) -> None:
@@ -902,6 +944,7 @@ def drift() -> None:
 @drift.command("report")
 @click.option("--fleet", "fleet_at", required=True, help=_FLEET_HELP)
 @click.option("--token", envvar="EDGEOPS_TOKEN", show_envvar=True, help=_TOKEN_HELP)
+@_CA_OPTION
 @click.option("--model", help="Only this model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (merged counts, tests, every device).")
 def drift_report(fleet_at: str, token: str | None, model: str | None, as_json: bool) -> None:
@@ -910,7 +953,7 @@ def drift_report(fleet_at: str, token: str | None, model: str | None, as_json: b
     \b
     Examples:
       edgeops drift report --fleet ./fleet
-      edgeops drift report --fleet http://127.0.0.1:8420 --model digits --json
+      edgeops drift report --fleet https://127.0.0.1:8420 --model digits --json
     """
     from edgeops.fleet import client, drift as fleet_drift
 

@@ -18,7 +18,8 @@ Invariants:
   /v1/openapi.json and the dashboard's files are open to all. A token that is sent is always checked.
 - Every request for a change by a known operator is one audit row (fleet/audit.py): its name, the
   action, the object, `ok` or the error; the rollout engine's decisions show there as `engine`.
-- Plain HTTP only on a loopback address; any other needs TLS (tls_cert, tls_key).
+- Plain HTTP only on a loopback address; any other needs TLS (tls_cert, tls_key). `fleet serve`
+  (`serve_options`) serves HTTPS with the fleet CA's certificate pki/api.pem unless told otherwise.
 - Pushes arrive as multipart/form-data, each bundle spooled to disk, never whole in memory; they
   are signed with the targets key in the fleet repository (an offline key needs `edgeops push
   --fleet DIR --key KEY`).
@@ -926,6 +927,24 @@ def is_loopback(host: str) -> bool:
         return host.lower() == "localhost"
 
 
+def serve_options(home: fleethome.FleetHome, options: dict[str, Any]) -> dict[str, Any]:
+    """ApiServer's options for `fleet serve`: HTTPS with the fleet's API certificate (pki/api.pem from
+    the fleet CA; issued now for a fleet made before it) unless tls_cert/tls_key are given or
+    `plain_http` is set (ApiServer allows plain HTTP on loopback only); the certificate's names
+    are accepted in the Host header."""
+    options = dict(options)
+    plain = options.pop("plain_http", False)
+    if plain and (options.get("tls_cert") is not None or options.get("tls_key") is not None):
+        raise EdgeopsError("give --plain-http or --tls-cert/--tls-key, not both")
+    if plain or options.get("tls_cert") is not None or options.get("tls_key") is not None:
+        return options
+    cert, key = home.pki / fleethome.API_CERT, home.pki / fleethome.API_KEY
+    if not cert.exists() or not key.exists():
+        fleethome.issue_api_certificate(home)
+    hosts = (*options.get("allowed_hosts", ()), *home.config.get("api_hosts", []))
+    return {**options, "tls_cert": cert, "tls_key": key, "allowed_hosts": hosts}
+
+
 class ApiServer:
     """The API on its own thread (uvicorn). Binds when constructed, so a taken port or an unusable
     certificate fails before `start()`; plain HTTP only on loopback."""
@@ -937,8 +956,8 @@ class ApiServer:
         if (tls_cert is None) != (tls_key is None):
             raise EdgeopsError("give --tls-cert and --tls-key together")
         if tls_cert is None and not is_loopback(host):
-            raise EdgeopsError(f"--http {bind} is not a loopback address: serve it over HTTPS with --tls-cert and "
-                               "--tls-key, or bind 127.0.0.1")
+            raise EdgeopsError(f"--http {bind} is not a loopback address: serve it over HTTPS (without --plain-http: "
+                               "the fleet's certificate, or --tls-cert and --tls-key), or bind 127.0.0.1")
         self.tls = tls_cert is not None
         hosts = LOOPBACK_NAMES | {host.lower()} | {name.lower() for name in allowed_hosts}
         fleet = FleetApi(home, max_body, is_loopback(host) if open_reads is None else open_reads, hosts)

@@ -2,14 +2,18 @@
 
 Invariants: every failure — no token, unreachable server, an error answer, an answer that is not
 JSON — is one EdgeopsError naming the fleet URL and, when the server gave one, its reason. Bundles
-are streamed from their files as multipart/form-data, never read whole into memory. HTTPS
-certificates are checked against the system's CAs, or the file SSL_CERT_FILE names.
+are streamed from their files as multipart/form-data, never read whole into memory. An HTTPS
+server's certificate is checked against the CA file `--ca` / EDGEOPS_CA names (the fleet's
+pki/ca.pem for `fleet serve`'s own certificate), else the system's trust store; the host name is
+always checked. A certificate refused is one line saying which CA to pass.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -20,6 +24,8 @@ from urllib.parse import urlencode
 from edgeops.protocol.errors import EdgeopsError
 
 TOKEN_ENV = "EDGEOPS_TOKEN"
+CA_ENV = "EDGEOPS_CA"
+ca_file: str | None = None  # set by the CLI's --ca; else EDGEOPS_CA; else the system's trust store
 STATUS_TIMEOUT_S = 30
 PUSH_TIMEOUT_S = 600  # per socket operation: the server reads, verifies and signs every bundle before it answers
 
@@ -127,20 +133,47 @@ def _call(url: str, token: str | None, method: str, path: str, body: Any, timeou
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=tls_context()) as response:
             raw = response.read()
     except urllib.error.HTTPError as exc:
         raise EdgeopsError(f"fleet API at {url} refused {method} {path}: {_reason(exc)} (HTTP {exc.code})") from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise EdgeopsError(_untrusted(url, exc.reason)) from None
         raise EdgeopsError(f"cannot reach the fleet API at {url}: {exc.reason}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise EdgeopsError(_untrusted(url, exc)) from None
     except OSError as exc:  # timeout or reset after connecting
-        raise EdgeopsError(f"fleet API at {url} failed during {method} {path}: {exc}") from None
+        hint = "; `fleet serve` speaks HTTPS unless --plain-http: try https://" if url.startswith("http://") else ""
+        raise EdgeopsError(f"fleet API at {url} failed during {method} {path}: {exc}{hint}") from None
     except ValueError as exc:  # http.client.InvalidURL
         raise EdgeopsError(f"bad fleet URL {url}: {exc}") from None
     try:
         return json.loads(raw)
     except ValueError:
         raise EdgeopsError(f"{url} did not answer JSON; is it an edgeops fleet API?") from None
+
+
+def tls_context() -> ssl.SSLContext:
+    """What HTTPS answers are checked against: --ca, else EDGEOPS_CA, else the system's trust store."""
+    cafile = ca_file or os.environ.get(CA_ENV) or None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise EdgeopsError(f"cannot use {cafile} as the fleet's CA (--ca or {CA_ENV}): "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _untrusted(url: str, exc: ssl.SSLCertVerificationError) -> str:
+    cafile = ca_file or os.environ.get(CA_ENV)
+    why = exc.verify_message or str(exc)
+    if "mismatch" in why.lower() or "not valid for" in why.lower():
+        return (f"the fleet API at {url} has a certificate for other names ({why}): reach it by a name the "
+                "certificate covers, or add this one with `edgeops fleet api-cert DIR --api-host NAME` and restart "
+                "`fleet serve`")
+    against = f"the CA in {cafile}" if cafile else "this machine's trusted CAs"
+    return (f"the fleet API at {url} presented a certificate not signed by {against} ({why}): pass "
+            f"--ca FLEET_DIR/pki/ca.pem (or set {CA_ENV}) for the fleet's own certificate")
 
 
 def _reason(exc: urllib.error.HTTPError) -> str:

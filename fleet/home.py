@@ -5,7 +5,8 @@ Layout:
                    API's bearer token (mode 0600)
     registry.db    devices, releases, executions, certificates (edgeops.fleet.registry)
     repo/          the TUF repository: metadata/, targets/, keys/ (edgeops.fleet.trust)
-    pki/           the fleet CA, the broker's and the fleet's own certificates, the CRL (edgeops.fleet.ca)
+    pki/           the fleet CA, the broker's and the fleet's own certificates, the HTTP API's server
+                   certificate (api.pem, api.key), the CRL (edgeops.fleet.ca)
 
 Invariants: a release exists in the registry only after its bundles are signed into the repository,
 so a device never hears of a release it cannot fetch and verify. A device's private key exists only
@@ -87,9 +88,10 @@ class FleetHome:
 
 
 def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[str, int] | None = None,
-               broker_hosts: list[str] | None = None) -> FleetHome:
+               broker_hosts: list[str] | None = None, api_hosts: list[str] | None = None) -> FleetHome:
     """Create the fleet directory: registry, TUF repository with fresh keys, the fleet CA with the
-    broker's certificate (for the broker URL's host and `broker_hosts`) and the fleet's, settings."""
+    broker's certificate (for the broker URL's host and `broker_hosts`), the HTTP API's (for those
+    names, loopback and `api_hosts`) and the fleet's, settings."""
     path = Path(path)
     if (path / CONFIG).exists():
         raise EdgeopsError(f"{path} already holds a fleet; pick an empty directory")
@@ -100,6 +102,7 @@ def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[s
     home = FleetHome(path, config)
     ca.create_ca(home.pki)
     issue_broker_certificate(home)
+    issue_api_certificate(home, api_hosts)
     ca.write_issued(ca.issue(home.pki, ca.FLEET_CN, ca.CA_DAYS), home.pki / "fleet.pem", home.pki / "fleet.key")
     trust.init_repository(home.repo, home.expiry())
     registry.open_db(home.db_path).conn.close()
@@ -123,6 +126,25 @@ def issue_broker_certificate(home: FleetHome, broker_hosts: list[str] | None = N
     if names != home.config.get("broker_hosts"):
         home.config["broker_hosts"] = names
         bundlemod.atomic_write(home.path / CONFIG, bundlemod.canonical_json(home.config), mode=0o600)
+    return names
+
+
+API_CERT, API_KEY = "api.pem", "api.key"  # in pki/: the HTTP API's server certificate
+
+
+def issue_api_certificate(home: FleetHome, api_hosts: list[str] | None = None) -> list[str]:
+    """(Re-)issue the HTTP API's server certificate (pki/api.pem, pki/api.key) for loopback, the
+    broker's names, the API names it had and `api_hosts`; returns the names it covers (kept in
+    fleet.json as `api_hosts`, which the API also accepts in the Host header). Restart `fleet serve`
+    to serve it."""
+    names = _broker_names(BrokerAddress.parse(home.broker_url).host,
+                          [*home.config.get("broker_hosts", []), *home.config.get("api_hosts", []), *(api_hosts or []), "::1"])
+    ca.write_issued(ca.issue(home.pki, "edgeops fleet API", ca.SERVER_DAYS, server_names=names),
+                    home.pki / API_CERT, home.pki / API_KEY)
+    if names != home.config.get("api_hosts"):
+        home.config["api_hosts"] = names
+        if (home.path / CONFIG).exists():  # init_fleet writes the settings once, after every certificate
+            bundlemod.atomic_write(home.path / CONFIG, bundlemod.canonical_json(home.config), mode=0o600)
     return names
 
 

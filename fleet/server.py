@@ -35,8 +35,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgeops.fleet import hooks, ingest, registry, rollout, telemetry, trust
-from edgeops.fleet.api import DEFAULT_HTTP, ApiServer
+from edgeops.fleet import ca, hooks, ingest, registry, rollout, telemetry, trust
+from edgeops.fleet.api import DEFAULT_HTTP, ApiServer, serve_options
 from edgeops.fleet.broker import ManagedBroker
 from edgeops.fleet.home import CONFIG, FleetHome, withdraw_rolled_back
 from edgeops.fleet.mosquitto import FLEET_USER
@@ -182,9 +182,16 @@ class FleetServer:
                 self._certs[device_id] = cert["serial"]
 
     def _follow_identities(self) -> None:
-        """Reload the broker this server runs after certificates were issued or revoked."""
+        """Reload the broker this server runs after certificates were issued or revoked, and re-sign
+        the CRL before it expires (the broker would then refuse every client)."""
         with self._db_lock:
             now = registry.identities_generation(self.db)
+            if ca.crl_due(self.home.pki):
+                ca.write_crl(self.home.pki, registry.revoked_serials(self.db))
+                log.warning("re-signed the CRL%s", "; reloading the broker" if self.broker else
+                            ": give it to your broker (`edgeops fleet mosquitto-config`) and reload it")
+                if self.broker is not None:
+                    self.broker.refresh(restart=False)
         if now == self._identities:
             return
         revoked = now[2] != self._identities[2]
@@ -239,18 +246,19 @@ def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_d
     """Run until interrupted: a private Mosquitto (fleet/broker.py) unless `broker_url` is given, the
     fleet server (running `on_drift` for each model version flagged for retraining; taking telemetry
     through the shared subscription of group `share` if given), and the operators' HTTP API on `http` (HOST:PORT)
-    with `api_options` (ApiServer's TLS, allowed hosts and open reads)."""
+    with `api_options` (ApiServer's TLS, allowed hosts and open reads; `plain_http`): over HTTPS with
+    the fleet's own certificate (pki/api.pem, issued if missing) unless tls_cert is given or plain_http."""
     home = FleetHome.open(home_dir)
     ingest.telemetry_filter(share)  # a bad group name fails before anything starts
-    api = ApiServer(home, http, **(api_options or {}))  # binds now: a taken port or bad certificate fails first
+    api = ApiServer(home, http, **serve_options(home, api_options or {}))  # binds now: a taken port or bad certificate fails first
     broker = None
     if broker_url is None:
         broker = ManagedBroker(home).start()
         broker_url = home.broker_url
     server = FleetServer(home, broker_url, on_drift, share, broker).start()
     api.start()
-    log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s)",
-                home_dir, broker_url, api.url, home.path / CONFIG)
+    log.warning("fleet serving %s on %s; HTTP API on %s (token: api_token in %s%s)", home_dir, broker_url, api.url,
+                home.path / CONFIG, f"; its certificate's CA: {home.pki / 'ca.pem'}, for --ca" if api.tls else "")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager's stop: shut down as on Ctrl-C
     try:

@@ -2,8 +2,8 @@
 real sockets: token auth, reads, pushes of real bundles (streamed multipart), every kind of bad
 request answered with a one-line JSON error (and the server still up), the generated OpenAPI document
 matching the routes and the answers, plain HTTP only on loopback and HTTPS with a certificate, the
-Host allow-list, and the CLI's `push`/`status --fleet URL`. No MQTT, except the last test, which runs
-`edgeops fleet serve`. Roles and the audit log: tests/test_operators.py, tests/test_audit.py."""
+Host allow-list, and the CLI's `push`/`status --fleet URL`. No MQTT, except the tests of `edgeops fleet
+serve`, which serves HTTPS with the fleet CA's certificate. Roles and the audit log: tests/test_operators.py, tests/test_audit.py."""
 
 from __future__ import annotations
 
@@ -347,7 +347,7 @@ def test_plain_http_only_on_loopback(home):
     from edgeops.protocol.errors import EdgeopsError
 
     for bind in ("0.0.0.0:0", "[::]:0", "192.0.2.1:8420"):
-        with pytest.raises(EdgeopsError, match="not a loopback address: serve it over HTTPS with --tls-cert"):
+        with pytest.raises(EdgeopsError, match="not a loopback address: serve it over HTTPS"):
             ApiServer(home, bind)
     taken = ApiServer(home, "127.0.0.1:0")
     try:
@@ -400,9 +400,17 @@ def test_https_with_a_certificate(home, tmp_path, monkeypatch):
         assert status == 200 and [d["id"] for d in data["devices"]] == sorted(DEVICES)
         with pytest.raises(ssl.SSLCertVerificationError):
             call(server, "GET", "/v1/health", context=ssl.create_default_context())
-        with pytest.raises(EdgeopsError, match="cannot reach the fleet API"):
+        with pytest.raises(EdgeopsError, match="not signed by this machine's trusted CAs .*: pass --ca"):
             client.status(server.url, None)  # the system's CAs do not know this certificate
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        monkeypatch.setenv("EDGEOPS_CA", str(cert))
+        assert [d["id"] for d in client.status(server.url, None)["devices"]] == sorted(DEVICES)
+        other, _ = self_signed(tmp_path / "other" if (tmp_path / "other").mkdir() is None else tmp_path)
+        monkeypatch.setattr(client, "ca_file", str(other))  # --ca wins over EDGEOPS_CA
+        with pytest.raises(EdgeopsError, match=f"not signed by the CA in {other}"):
+            client.status(server.url, None)
+        monkeypatch.setattr(client, "ca_file", None)
+        monkeypatch.delenv("EDGEOPS_CA")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the system's trust store, as OpenSSL finds it
         assert [d["id"] for d in client.status(server.url, None)["devices"]] == sorted(DEVICES)
     finally:
         server.stop()
@@ -537,30 +545,76 @@ def test_cli_over_http_fails_in_one_clear_line(api, releases, cli_error, monkeyp
 # --- `edgeops fleet serve --http` -----------------------------------------------------------------------
 
 
-def test_fleet_serve_runs_the_api(home, tmp_path):
+def test_fleet_serve_runs_the_api_over_https_with_the_fleet_ca(home, tmp_path, cli_ok):
     from edgeops.fleet.home import FleetHome
 
-    config = dict(home.config, broker=f"mqtt://127.0.0.1:{free_port()}")  # the embedded broker, on a free port
+    config = dict(home.config, broker=f"mqtts://127.0.0.1:{free_port()}")  # its private Mosquitto, on a free port
     (home.path / "fleet.json").write_text(json.dumps(config))
     port = free_port()
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "edgeops", "fleet", "serve", str(home.path),
                              "--http", f"127.0.0.1:{port}", "--closed-reads"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
+    pinned = ssl.create_default_context(cafile=str(home.pki / "ca.pem"))  # the fleet CA, nothing else
     try:
         wait_for(lambda: _answers(port), "the API of `edgeops fleet serve` to answer", 30)
-        status, data = call_url(url, "/v1/status", config["api_token"])
+        status, data = call_url(url, "/v1/status", config["api_token"], pinned)
         assert status == 200 and [d["id"] for d in data["devices"]] == sorted(DEVICES)
-        assert call_url(url, "/v1/status", "wrong")[0] == 401
-        assert call_url(url, "/v1/status", None)[0] == 401  # --closed-reads: even on loopback
+        assert call_url(url, "/v1/status", "wrong", pinned)[0] == 401
+        assert call_url(url, "/v1/status", None, pinned)[0] == 401  # --closed-reads: even on loopback
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # not a certificate the system's CAs know
+            call_url(url, "/v1/health", None, ssl.create_default_context())
+        listed = cli_ok("status", "--fleet", url, "--ca", home.pki / "ca.pem", "--token", config["api_token"], "--json")
+        assert [d["id"] for d in json.loads(listed.stdout)["devices"]] == sorted(DEVICES)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         log.seek(0)
         output = log.read()
-    assert f"HTTP API on http://127.0.0.1:{port}" in output, output
+    assert f"HTTP API on https://127.0.0.1:{port}" in output and str(home.pki / "ca.pem") in output, output
     assert FleetHome.open(home.path).config["api_token"] == config["api_token"]
     assert not _answers(port)
+
+
+def test_fleet_serve_plain_http_only_when_asked_and_only_on_loopback(home):
+    from edgeops.fleet.api import serve_options
+    from edgeops.protocol.errors import EdgeopsError
+
+    fleet_tls = serve_options(home, {"allowed_hosts": ("proxy.lan",)})
+    assert (fleet_tls["tls_cert"], fleet_tls["tls_key"]) == (home.pki / "api.pem", home.pki / "api.key")
+    assert {"proxy.lan", "localhost", "127.0.0.1", "::1"} <= set(fleet_tls["allowed_hosts"])
+    assert serve_options(home, {"plain_http": True, "tls_cert": None, "tls_key": None}) == {"tls_cert": None, "tls_key": None}
+    with pytest.raises(EdgeopsError, match="--plain-http or --tls-cert"):
+        serve_options(home, {"plain_http": True, "tls_cert": home.pki / "api.pem", "tls_key": home.pki / "api.key"})
+    for name in ("api.pem", "api.key"):  # a fleet made before the API had a certificate gets one
+        (home.pki / name).unlink()
+    assert serve_options(home, {})["tls_cert"].exists()
+    server = ApiServer(home, "127.0.0.1:0", **serve_options(home, {}))
+    try:
+        assert server.url.startswith("https://")
+    finally:
+        server.stop()
+    port = free_port()
+    refused = subprocess.run([sys.executable, "-m", "edgeops", "fleet", "serve", str(home.path), "--http",
+                              f"0.0.0.0:{port}", "--plain-http"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "not a loopback address" in refused.stderr and not _answers(port)
+
+
+def test_api_cert_covers_the_names_asked_for(tmp_path, cli_ok):
+    from cryptography import x509
+
+    def names(home_dir: Path) -> set[str]:
+        cert = x509.load_pem_x509_certificate((home_dir / "pki" / "api.pem").read_bytes())
+        return {str(n) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                .get_values_for_type(x509.DNSName)} | {str(n) for n in cert.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)}
+
+    cli_ok("fleet", "init", tmp_path / "f", "--broker", "mqtts://broker.lan:8883", "--api-host", "fleet.lan")
+    assert names(tmp_path / "f") == {"broker.lan", "fleet.lan", "localhost", "127.0.0.1", "::1"}
+    assert "10.0.0.5" in cli_ok("fleet", "api-cert", tmp_path / "f", "--api-host", "10.0.0.5").stdout
+    assert names(tmp_path / "f") == {"broker.lan", "fleet.lan", "localhost", "127.0.0.1", "::1", "10.0.0.5"}
+    ca_pem = ssl.create_default_context(cafile=str(tmp_path / "f" / "pki" / "ca.pem"))
+    assert ca_pem.cert_store_stats()["x509_ca"] == 1
 
 
 def _answers(port: int) -> bool:
@@ -571,13 +625,13 @@ def _answers(port: int) -> bool:
         return False
 
 
-def call_url(url: str, path: str, token: str | None) -> tuple[int, Any]:
+def call_url(url: str, path: str, token: str | None, context: ssl.SSLContext | None = None) -> tuple[int, Any]:
     import urllib.error
     import urllib.request
 
     request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
