@@ -146,3 +146,13 @@ def write_crl(pki: Path, revoked_serials: list[int]) -> Path:
     path = pki / "crl.pem"
     atomic_write(path, crl.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def crl_due(pki: Path) -> bool:
+    """True when the CRL is past half its validity (or unreadable): time to re-sign it."""
+    try:
+        crl = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    except (OSError, ValueError):
+        return True
+    left = crl.next_update_utc - _now() if crl.next_update_utc else dt.timedelta(0)
+    return left < dt.timedelta(days=CRL_DAYS / 2)

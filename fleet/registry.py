@@ -76,7 +76,8 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
                                "pem": str},
                               pk="serial", if_not_exists=True, not_null={"subject", "not_after"})
     db["revoked_devices"].create({"id": str, "profile": str, "labels": str, "enrolled_at": float, "revoked_at": float,
-                                  "reason": str}, pk="id", if_not_exists=True)
+                                  "reason": str, "refused_messages": int}, pk="id", if_not_exists=True,
+                                 defaults={"refused_messages": 0}, not_null={"refused_messages"})
     db["executions"].create(
         {"device": str, "release_id": int, "state": str, "reason": str, "updated_at": float},
         pk=("device", "release_id"), if_not_exists=True,
@@ -162,6 +163,12 @@ def revoked_serials(db: sqlite_utils.Database) -> list[int]:
 
 def revoked_ids(db: sqlite_utils.Database) -> list[str]:
     return [i for (i,) in db.execute("select id from revoked_devices order by id")]
+
+
+def revoked(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Revoked devices, newest first, with what still arrived from them and was refused."""
+    return [dict(r) for r in db.query("select id, revoked_at, reason, refused_messages from revoked_devices "
+                                      "order by revoked_at desc")]
 
 
 def identities_generation(db: sqlite_utils.Database) -> tuple[Any, ...]:
@@ -252,6 +259,8 @@ def record_reports(db: sqlite_utils.Database, reports: list[tuple[str, dict[str,
                 [now, *(_text(installed.get(k)) for k in ("model", "version", "target", "slot")),
                  _clock(state.get("clock")), device_id],
             ).rowcount
+            if not known:  # the broker should have refused it: counted if it was revoked
+                db.execute("update revoked_devices set refused_messages = refused_messages + 1 where id = ?", [device_id])
             execution = state.get("execution")
             if known and isinstance(execution, dict) and isinstance(execution.get("state"), str) \
                     and type(execution.get("release")) is int:
@@ -455,4 +464,4 @@ def status(db: sqlite_utils.Database) -> dict[str, Any]:
             "decisions": rollout.decisions(db), "attention": rollout.attention(db, listed),
             "drift": [{"model": f["model"], "version": f["version"], "status": "retraining recommended",
                        "devices": f["devices"]} for f in drift.flagged(db)], "anomalies": anomalies(db),
-            "certificates": expiring_certificates(db)}
+            "certificates": expiring_certificates(db), "revoked": revoked(db)}

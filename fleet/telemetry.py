@@ -69,7 +69,9 @@ def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]])
     with transaction(db):
         for device_id, batch in batches:
             if not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
-                _warn(device_id, "telemetry from %s, which is not enrolled: dropped", device_id)
+                revoked = db.execute("update revoked_devices set refused_messages = refused_messages + 1 where id = ?",
+                                     [device_id]).rowcount
+                _warn(device_id, "telemetry from %s, which is %s: dropped", device_id, "revoked" if revoked else "not enrolled")
                 continue
             refused = batch.get("refused") or (batch["device"] != device_id and
                                                f"the batch names device {str(batch['device'])[:64]!r}, not its topic's")

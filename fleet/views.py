@@ -84,6 +84,12 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         for f in data["drift"]:
             _add(flags, f["model"], f["version"], f["status"], ", ".join(f.get("devices", [])) or "-")
         console.print(flags)
+    if data.get("revoked"):
+        gone = _table("revoked devices", "device", "revoked", "reason", "refused since")
+        for r in data["revoked"]:
+            _add(gone, r["id"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["revoked_at"])), r["reason"] or "-",
+                 str(r["refused_messages"]))
+        console.print(gone)
     for cert in data.get("certificates", []):
         days = (cert["not_after"] - time.time()) / 86400
         when = f"expired {-days:.0f} days ago" if days < 0 else f"expires in {days:.0f} days"

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from edgeops.agent.service import Agent
 from edgeops.cli import cli
-from edgeops.fleet import ca, mosquitto, registry
+from edgeops.fleet import ca, mosquitto, registry, telemetry
 from edgeops.fleet.home import enroll_device, push, renew_device, revoke_device
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol import certs, wire
@@ -176,6 +176,14 @@ def test_a_revoked_device_is_dropped_within_5s_and_never_comes_back(releases, tm
         assert refused(broker.port, device_tls(tmp_path / "dev-a"))
         assert registry.device(db, "dev-a") is None and "dev-a" in registry.revoked_ids(db)
         assert all(d["id"] != "dev-a" for d in registry.status(db)["devices"])
+        # what still arrives from it (a message the broker had queued) is refused and counted, never stored
+        before = registry.status(db)["revoked"][0]["refused_messages"]  # what really came in since, if anything
+        registry.record_reports(db, [("dev-a", {"device": "dev-a", "online": True})])
+        telemetry.ingest(db, [("dev-a", {"device": "dev-a", "dropped": 0, "drop_watermark": 0, "dropped_unsequenced": 0,
+                                         "records": [{"seq": 99, "kind": "inference", "t": 1.0, "body": {"ok": True}}]})])
+        assert registry.status(db)["revoked"][0] | {"revoked_at": 0} == {"id": "dev-a", "revoked_at": 0, "reason": "stolen",
+                                                                        "refused_messages": before + 2}
+        assert db["telemetry"].count_where("device = 'dev-a' and seq = 99") == 0
 
         # the others carry on: a release reaches them, never the revoked one
         release = push(home, [releases[("1.0.0", "x86-vnni")]], {"site": "lab"}, plan=AT_ONCE)
