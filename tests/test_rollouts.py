@@ -1,7 +1,8 @@
-"""Staged rollouts end to end (fleet/rollout.py): a real Mosquitto, a real FleetServer running the
-rollout engine, real agents installing signed bundles, and real inference traffic feeding the
-health gates. Covered: advancing stage by stage within each stage's quota, rolling back on a failing
-error-rate gate and on install failures, timing out a silent device, late joiners, operator pause /
+"""Staged rollouts end to end (fleet/rollout.py): the fleet's own Mosquitto (mutual TLS with the
+fleet CA), a real FleetServer running the rollout engine, real agents (with their device certificates)
+installing signed bundles, and real inference traffic feeding the health gates. Covered: advancing
+stage by stage within each stage's quota, rolling back on a failing error-rate gate and on install
+failures, timing out a silent device, late joiners, operator pause /
 resume / abort, a fleet server restarted mid-rollout, a release with bundles for two profiles, and
 the CLI (`edgeops push --stages/--plan`, `edgeops rollout ...`).
 
@@ -36,14 +37,14 @@ from edgeops.agent.service import Agent
 from edgeops.agent.serving import InvalidInput
 from edgeops.fleet import registry, rollout, trust
 from edgeops.fleet import server as fleet_server
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import FleetHome, enroll_device, init_fleet, push
 from edgeops.fleet.plan import Plan, make_plan
 from edgeops.fleet.server import FleetServer
 from edgeops.protocol.bundle import bundle_filename, read_bundle
 from edgeops.protocol.errors import EdgeopsError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import AT_ONCE, PROFILES, mosquitto_broker, releases, wait_for  # noqa: E402,F401  (fixture)
+from fleetkit import AT_ONCE, PROFILES, fleet_home, releases, wait_for  # noqa: E402,F401  (fixtures)
 from test_fleet_faults import AgentProcess  # noqa: E402
 from test_slots import shift_probabilities, variant  # noqa: E402
 
@@ -145,9 +146,9 @@ class Frozen:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, broker_url: str):
-        self.tmp, self.url = tmp, broker_url
-        self.home = init_fleet(tmp / "fleet", broker_url)
+    def __init__(self, tmp: Path, home: FleetHome):
+        """Devices, servers and agents of the fleet `home`, whose broker runs."""
+        self.tmp, self.home, self.url = tmp, home, home.broker_url
         self.db = registry.open_db(self.home.db_path)
         self.server: FleetServer | None = None
         self.agents: dict[str, Agent] = {}
@@ -240,15 +241,13 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path, monkeypatch):
+def fleet(fleet_home, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_server, "ENGINE_S", ENGINE_S)
-    url, stop_broker = mosquitto_broker(tmp_path)
-    fleet = Fleet(tmp_path, url)
+    fleet = Fleet(tmp_path, fleet_home())  # its Mosquitto stops after the fleet closes (fleet_home's teardown)
     try:
         yield fleet
     finally:
         fleet.close()
-        stop_broker()
 
 
 @pytest.fixture
@@ -510,7 +509,7 @@ def test_abort_cancels_queued_devices_and_assigns_no_more(fleet, slot_releases, 
 
 
 def test_operator_actions_the_state_does_not_allow_are_refused(slot_releases, tmp_path):
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")  # no broker, no server: actions are registry writes
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")  # no broker, no server: actions are registry writes
     db = registry.open_db(home.db_path)
     release = push(home, [slot_releases.v1], {}, plan=make_plan(stages="1dev,100%"))
 
@@ -661,7 +660,7 @@ def test_a_failing_error_rate_gate_rolls_the_canary_back(fleet, releases, thumbn
 
 
 def test_cli_push_with_a_plan_and_steer_the_rollout(slot_releases, tmp_path, cli_ok, cli_error):
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")
     fleet_dir = str(home.path)
     model = read_bundle(slot_releases.v1).manifest["name"]
     db = registry.open_db(home.db_path)
@@ -727,7 +726,7 @@ def test_cli_push_with_a_plan_and_steer_the_rollout(slot_releases, tmp_path, cli
 # --- the engine's transactions -----------------------------------------------------------------------
 
 def test_engine_rounds_and_operator_actions_are_one_transaction(slot_releases, tmp_path):
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")
     db = registry.open_db(home.db_path)
     enroll_device(home, "d0", PROFILE, {}, tmp_path / "d0")
     registry.record_reports(db, [("d0", {"online": True})])  # what the fleet server stores when d0 comes online
@@ -750,7 +749,7 @@ def fleet_desired(db, device_id: str) -> int | None:
 def test_a_device_rolled_back_with_nothing_to_return_to_is_not_sent_to_an_older_release(slot_releases, tmp_path):
     """B joined at 1.1.0 and never ran 1.0.0: rolling 1.1.0 back leaves it on 1.1.0 (it keeps serving),
     rather than naming 1.0.0, an older version it would have to refuse."""
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")
     db = registry.open_db(home.db_path)
     for device_id in ("A", "B"):
         enroll_device(home, device_id, PROFILE, {}, tmp_path / device_id)
