@@ -2,9 +2,9 @@
 fleet CA), a real FleetServer running the rollout engine, real agents (with their device certificates)
 installing signed bundles, and real inference traffic feeding the health gates. Covered: advancing
 stage by stage within each stage's quota, rolling back on a failing error-rate gate and on install
-failures, timing out a silent device, late joiners, operator pause /
-resume / abort, a fleet server restarted mid-rollout, a release with bundles for two profiles, and
-the CLI (`edgeops push --stages/--plan`, `edgeops rollout ...`).
+failures, timing out a silent device, late joiners, operator pause / resume / abort, a fleet server
+restarted mid-rollout, a release with bundles for two profiles, and the CLI (`edgeops push
+--stages/--plan`, `edgeops rollout ...`).
 
 Waiting is on conditions with deadlines (fleetkit.wait_for). Where a test shows that something does
 NOT happen (no assignment while paused, none after an abort), it waits for the engine to run a few
