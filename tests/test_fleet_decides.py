@@ -5,12 +5,16 @@ records (the engine's `executions` rows); a device's `state` and telemetry are e
 device only. Staged here:
 - the pure rule for a device's execution report (`rollout.report_verdict`);
 - the gates' counting on a registry fed the way the server feeds it (`record_reports`, `telemetry.ingest`);
-- the attacks on a real Mosquitto with a real FleetServer and real agents: an outsider device (enrolled,
-  outside the selector) publishing on its own topics a retained `state` that claims the release and
-  fabricated telemetry, for and against it; a member of the selector doing the same before it is
-  assigned; a forged `desired` naming a release that does not exist; malformed telemetry batches.
-The forger is a plain MQTT client publishing only on the outsider's (or the device's) own topics: what
-a device's credentials allow under the generated broker ACL.
+- the attacks on the fleet's own Mosquitto (mutual TLS, the generated ACL) with a real FleetServer and
+  real agents: an outsider device (enrolled, outside the selector) publishing on its own topics a
+  retained `state` that claims the release and fabricated telemetry, for and against it; a member of
+  the selector doing the same before it is assigned; a forged `desired` naming a release that does not
+  exist; malformed telemetry batches.
+The liar publishes with its own device certificate on its own topics: what a device's credentials allow
+under the generated broker ACL. An outsider (or a device with no agent running) lies through a plain
+MQTT client of its own; a member running an agent lies through that agent's own connection (the broker
+takes the client id from the certificate, so a second client with it would evict the agent). The forged
+`desired`, which no device may publish, comes from an attacker who owns the broker (fleetkit.attacker_tls).
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from edgeops.fleet.home import enroll_device, init_fleet, push
 from edgeops.fleet.ingest import parse_report
 from edgeops.fleet.plan import make_plan
 from edgeops.protocol import mqtt as mqttlib
+from edgeops.protocol.mqtt import TlsFiles
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import mosquitto_broker, wait_for  # noqa: E402
+from fleetkit import attacker_tls, device_tls, fleet_home, wait_for  # noqa: E402,F401  (fixture)
 from test_rollouts import ENGINE_S, PROFILE, ROLLOUT_S, Fleet, digits, rolled_out_v1  # noqa: E402,F401  (fixture)
 
 LAB = {"site": "lab"}
@@ -90,7 +95,7 @@ def _state(db, device: str, release: int, state: str, version: str | None = None
 
 def test_gates_count_only_assigned_members_on_their_assigned_versions(slot_releases, tmp_path):
     model = read_bundle(slot_releases.v1).manifest["name"]
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")
     db = registry.open_db(home.db_path)
     for device_id, labels in (("A", LAB), ("B", LAB), ("C", LAB), ("O", {"site": "elsewhere"})):
         enroll_device(home, device_id, PROFILE, labels, tmp_path / device_id)
@@ -137,7 +142,7 @@ def test_gates_count_only_assigned_members_on_their_assigned_versions(slot_relea
 
 
 def test_a_member_cannot_report_a_release_it_was_not_assigned(slot_releases, tmp_path):
-    home = init_fleet(tmp_path / "fleet", "mqtt://127.0.0.1:1")
+    home = init_fleet(tmp_path / "fleet", "mqtts://127.0.0.1:1")
     db = registry.open_db(home.db_path)
     for device_id in ("A", "B"):
         enroll_device(home, device_id, PROFILE, LAB, tmp_path / device_id)
@@ -159,13 +164,17 @@ def test_a_member_cannot_report_a_release_it_was_not_assigned(slot_releases, tmp
 
 
 class Forger:
-    """A plain MQTT client that publishes as the attacker wants, and records what it subscribed to."""
+    """A plain MQTT client with the rights of `tls` (a device's certificate, or the attacker's) that
+    publishes as the attacker wants, and records what it subscribed to; or, `through` a client already
+    connected (an agent's own link), one that publishes on it."""
 
-    def __init__(self, url: str, subscribe: str | None = None):
+    def __init__(self, url: str, tls: TlsFiles, subscribe: str | None = None):
         self.messages: list[tuple[str, bytes]] = []
+        self.own = True
         address = mqttlib.BrokerAddress.parse(url)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="forger", clean_session=True,
                                   protocol=mqtt.MQTTv311)
+        self.client.tls_set_context(tls.context())
         subscribed = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe(subscribe, 1) if subscribe else subscribed.set()
         self.client.on_subscribe = lambda *_: subscribed.set()
@@ -173,6 +182,13 @@ class Forger:
         self.client.connect(address.host, address.port)
         self.client.loop_start()
         wait_for(subscribed.is_set, "the forger to connect", 10)
+
+    @classmethod
+    def through(cls, client: mqtt.Client) -> "Forger":
+        """Publish on `client`, a connected device's own connection (a compromised agent lying)."""
+        forger = cls.__new__(cls)
+        forger.messages, forger.own, forger.client = [], False, client
+        return forger
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
@@ -191,20 +207,27 @@ class Forger:
                 device_id, _inferences(model, version, min(500, count - start), ok, first_seq + start), 0))
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        if self.own:
+            self.client.loop_stop()
+            self.client.disconnect()
 
 
 @pytest.fixture
-def fleet(tmp_path, monkeypatch):
+def fleet(fleet_home, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_server, "ENGINE_S", ENGINE_S)
-    url, stop_broker = mosquitto_broker(tmp_path)
-    fleet = Fleet(tmp_path, url)
+    fleet = Fleet(tmp_path, fleet_home())  # its Mosquitto stops after the fleet closes (fleet_home's teardown)
     try:
         yield fleet
     finally:
         fleet.close()
-        stop_broker()
+
+
+def liar_forger(fleet: Fleet, liar: str) -> Forger:
+    """`liar` lying with its own credentials: through its agent's connection if it runs one, else a
+    client of its own with its device certificate."""
+    if liar in fleet.agents:
+        return Forger.through(fleet.agents[liar].link.client)
+    return Forger(fleet.url, device_tls(fleet.tmp / liar))
 
 
 def _start(fleet: Fleet, v1: Path, members: list[str], outsider: str | None = "outsider") -> int:
@@ -241,7 +264,7 @@ def test_a_claim_of_the_release_with_fabricated_successes_is_never_counted(fleet
     v1 = _start(fleet, slot_releases.v1, members, outsider="outsider" if liar == "outsider" else None)
     for _ in range(5):  # the baseline, on the members
         _traffic(fleet, digits, members, None)
-    forger = Forger(fleet.url)
+    forger = liar_forger(fleet, liar)
     try:
         release = push(fleet.home, [slot_releases.v2], LAB, plan=CANARY)
         model = read_bundle(slot_releases.v2).manifest["name"]
@@ -271,7 +294,7 @@ def test_an_outsiders_forged_failures_neither_stop_a_good_release_nor_take_a_mem
     _start(fleet, slot_releases.v1, members)
     for _ in range(5):
         _traffic(fleet, digits, members, None)
-    forger = Forger(fleet.url)
+    forger = liar_forger(fleet, liar)
     try:
         release = push(fleet.home, [slot_releases.v2], LAB, plan=make_plan(stages="1dev,50%,100%", bake="0.5s",
                                                                            min_calls=3))
@@ -296,7 +319,7 @@ def test_an_outsiders_forged_failures_neither_stop_a_good_release_nor_take_a_mem
 
 def test_a_forged_desired_naming_no_release_leaves_no_execution(fleet, slot_releases):
     v1 = _start(fleet, slot_releases.v1, ["m0"], outsider=None)
-    forger = Forger(fleet.url)
+    forger = Forger(fleet.url, attacker_tls(fleet.home))  # no device may publish a desired: the broker's owner
     try:
         forger.publish(wire.topic("m0", "desired"), wire.encode({
             "release_id": 999, "model": "digits", "version": "9.9.9", "target": f"digits-9.9.9-{PROFILE}.edgeops",
@@ -319,7 +342,7 @@ def test_malformed_telemetry_batches_are_counted_logged_and_acknowledged(fleet, 
     fleet.enroll("m0")
     fleet.start_server()
     wait_for(fleet.server.connected.is_set, "the fleet to connect")
-    forger = Forger(fleet.url, subscribe=wire.topic("m0", "acks"))
+    forger = Forger(fleet.url, device_tls(fleet.tmp / "m0"), subscribe=wire.topic("m0", "acks"))  # m0 runs no agent
     caplog.set_level(logging.WARNING, logger="edgeops.fleet.telemetry")
     try:
         no_dropped = json.loads(wire.telemetry_batch("m0", _inferences(model, "1.0.0", 3, True, 1), 0))
