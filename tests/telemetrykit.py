@@ -10,17 +10,24 @@ from typing import Any
 
 import sqlite_utils
 
-from edgeops.fleet import registry, telemetry
+from edgeops.fleet import ca, registry, telemetry
 from edgeops.protocol import drift, wire
 
 REFERENCE = {"input/x/0": [50, 50, 50, 50], "output/y/class": [100, 100]}
+
+
+def certificate(pki: Path, device_id: str) -> bytes:
+    """A real certificate for `device_id` from a CA in `pki` (made on first use): what enrollment records."""
+    if not (pki / "ca.pem").exists():
+        ca.create_ca(pki)
+    return ca.issue(pki, device_id).cert
 
 
 def fleet(tmp_path: Path, count: int, profile: str = "rpi4", online: bool = True) -> sqlite_utils.Database:
     """A registry with devices dev-00, dev-01, ... enrolled (and reported online when `online`)."""
     db = registry.open_db(tmp_path / "fleet.db")
     for i in range(count):
-        registry.enroll(db, f"dev-{i:02d}", profile, {"site": "lab"}, "salted-hash")
+        registry.enroll(db, f"dev-{i:02d}", profile, {"site": "lab"}, certificate(tmp_path / "pki", f"dev-{i:02d}"))
     if online:
         registry.record_reports(db, [(f"dev-{i:02d}", {"online": True}) for i in range(count)])
     return db

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ import pytest
 from edgeops.agent.outbox import RECORD_OVERHEAD, Outbox
 from edgeops.fleet import registry, telemetry
 from edgeops.protocol import wire
+
+sys.path.insert(0, str(Path(__file__).parent))
+from telemetrykit import certificate  # noqa: E402
 
 DEVICE = "dev-1"
 SIZE = 100  # every record made by `records()` counts exactly this many bytes against the outbox's bound
@@ -29,7 +33,7 @@ def records(n: int, start: int = 0) -> list[tuple[str, float, str]]:
 
 def fleet_db(tmp_path: Path):
     db = registry.open_db(tmp_path / "fleet.db")
-    registry.enroll(db, DEVICE, "rpi4", {}, "salted-hash")
+    registry.enroll(db, DEVICE, "rpi4", {}, certificate(tmp_path / "pki", DEVICE))
     return db
 
 
