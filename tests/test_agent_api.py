@@ -1,7 +1,8 @@
 """The agent's local inference API (agent/http_api.py) and `edgeops agent infer`, on a real Agent
 serving the real digits bundle: answers equal a bare onnxruntime session's, bad requests get a 4xx
 with a reason and never stop the server, a model swap under live traffic drops no request, and every
-in-process call is recorded in the outbox."""
+in-process call is recorded in the outbox. The running agent is connected, with its device
+certificate, to its fleet's own Mosquitto (mutual TLS); elsewhere its fleet's broker is unreachable."""
 
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ from edgeops.agent.http_api import MAX_BODY, NPY, NPZ, InferenceServer
 from edgeops.agent.serving import InvalidInput, Serving
 from edgeops.agent.service import Agent
 from edgeops.cli import cli
-from edgeops.fleet.home import enroll_device, init_fleet
+from edgeops.fleet.home import FleetHome, enroll_device, init_fleet
 from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import DEADLINE_S, mosquitto_broker, wait_for  # noqa: E402
+from fleetkit import DEADLINE_S, new_fleet, secured_mosquitto, wait_for  # noqa: E402
 
 
-def new_device(root: Path, broker: str = "mqtt://127.0.0.1:1") -> Path:
-    """An enrolled device directory (device.json, pinned root) under `root`."""
-    home = init_fleet(root / "fleet", broker)
+UNREACHABLE = "mqtts://127.0.0.1:1"  # a fleet broker no one listens on
+
+
+def new_device(root: Path, fleet: FleetHome | str = UNREACHABLE) -> Path:
+    """An enrolled device directory (device.json, its certificate and key, the fleet CA, pinned root)
+    under `root`, of the fleet `fleet`, or of a new fleet under `root` whose broker URL is `fleet`."""
+    home = fleet if isinstance(fleet, FleetHome) else init_fleet(root / "fleet", fleet)
     return enroll_device(home, "dev-api", "x86-vnni", {}, root / "device")
 
 
@@ -84,11 +89,12 @@ def pixels(digits_model) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def running(slot_releases, tmp_path_factory):
-    """An Agent run as `edgeops agent run --api 127.0.0.1:0` does (in a thread, with a real broker),
-    with 1.0.0 installed in slot a and 1.1.0 in slot b, serving 1.1.0."""
+    """An Agent run as `edgeops agent run --api 127.0.0.1:0` does (in a thread, connected to its
+    fleet's Mosquitto), with 1.0.0 installed in slot a and 1.1.0 in slot b, serving 1.1.0."""
     root = tmp_path_factory.mktemp("agent-api")
-    broker, stop_broker = mosquitto_broker(root)
-    device_dir = new_device(root, broker)
+    home = new_fleet(root)
+    broker = secured_mosquitto(home)
+    device_dir = new_device(root, home)
     agent = Agent(device_dir)
     v1 = agent.slots.install(slot_releases.v1)
     v2 = agent.slots.install(slot_releases.v2)
@@ -102,7 +108,7 @@ def running(slot_releases, tmp_path_factory):
     yield SimpleNamespace(agent=agent, url=url, device_dir=device_dir, v1=v1, v2=v2, bundle=slot_releases.v1)
     stop.set()
     thread.join(timeout=DEADLINE_S)
-    stop_broker()
+    broker.stop()
     assert not thread.is_alive(), "the agent did not stop"
     assert not api_json.exists(), "a stopped agent must not leave its API address behind"
 
