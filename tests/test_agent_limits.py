@@ -4,7 +4,9 @@ about their size, an .npy header declaring 10^9 x 64 floats, a 60 MiB JSON batch
 NaN/Infinity, more concurrent requests than allowed and 2,000 requests at 20 concurrent. Each gets
 its status with a reason, the agent keeps serving and forwarding telemetry, and its peak RSS
 (VmHWM) stays within its idle RSS + 100 MB. And SIGTERM stops an agent within 5 s whatever its
-broker does: a closed port, a blackhole that accepts and never answers, a fleet silent mid-fetch.
+broker does: a closed port, a blackhole that accepts and never answers (not even the TLS handshake),
+a fleet silent mid-fetch. The agent connects with its device certificate to its fleet's own
+Mosquitto (mutual TLS); the fleet stand-in uses the fleet's certificate.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from edgeops.agent.http_api import MAX_BODY, NPY, NPZ, InferenceServer
 from edgeops.agent.serving import Limits, Serving
 from edgeops.agent.service import Agent
 from edgeops.agent.slots import SlotStore
+from edgeops.fleet.home import FleetHome
 from edgeops.protocol import wire
 from edgeops.protocol.bundle import atomic_write, canonical_json
 from edgeops.protocol.errors import EdgeopsError
+from edgeops.protocol.mqtt import BrokerAddress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fleetkit import DEADLINE_S, mosquitto_broker, wait_for  # noqa: E402
+from fleetkit import DEADLINE_S, new_fleet, secured_mosquitto, wait_for  # noqa: E402
 from test_agent_api import assert_refused, assert_still_serving, new_device, npz, post_json, request  # noqa: E402
 
 DEVICE = "dev-api"  # what new_device enrolls
@@ -101,16 +105,18 @@ def raw_post(url: str, kind: str, length: int, body: bytes = b"") -> tuple[int, 
 
 
 class Fleetless:
-    """A paho client on the device's broker that acknowledges its telemetry as the fleet does
-    (wire.telemetry_ack), so the outbox keeps moving, and keeps what it received."""
+    """A paho client on the device's broker, with the fleet's own certificate, that acknowledges its
+    telemetry as the fleet does (wire.telemetry_ack), so the outbox keeps moving, and keeps what it
+    received."""
 
-    def __init__(self, broker: str):
-        host, port = broker.removeprefix("mqtt://").split(":")
+    def __init__(self, home: FleetHome):
+        address = BrokerAddress.parse(home.broker_url)
         self.records: list[dict] = []
         self.states: list[dict] = []
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="limits-test")
+        self.client.tls_set_context(home.client_tls().context())
         self.client.on_message = self._on_message
-        self.client.connect(host, int(port))
+        self.client.connect(address.host, address.port)
         self.client.subscribe([(wire.topic(DEVICE, "telemetry"), 1), (wire.topic(DEVICE, "state"), 1)])
         self.client.loop_start()
 
@@ -173,13 +179,14 @@ def pixels(digits_model) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(slot_releases, pixels, tmp_path_factory):
-    """A real agent process with the digits bundle installed, a broker, a fleet stand-in acking its
-    telemetry, and its idle RSS measured after a warm-up."""
+    """A real agent process with the digits bundle installed, its fleet's Mosquitto (mutual TLS), a
+    fleet stand-in acking its telemetry, and its idle RSS measured after a warm-up."""
     root = tmp_path_factory.mktemp("agent-limits")
-    broker, stop_broker = mosquitto_broker(root)
-    device_dir = new_device(root, broker)
+    home = new_fleet(root)
+    broker = secured_mosquitto(home)
+    device_dir = new_device(root, home)
     SlotStore(device_dir / "state").install(slot_releases.v1)
-    fleet = Fleetless(broker)
+    fleet = Fleetless(home)
     agent = AgentRun(device_dir)
     try:
         url = agent.url()
@@ -194,7 +201,7 @@ def served(slot_releases, pixels, tmp_path_factory):
     finally:
         agent.stop()
         fleet.stop()
-        stop_broker()
+        broker.stop()
 
 
 def assert_bounded(served: SimpleNamespace, what: str) -> None:
@@ -393,7 +400,7 @@ def test_sigterm_stops_an_agent_whose_broker_is_unreachable(tmp_path, broker):
         port, accepted = blackhole()
     else:
         port, accepted = closed_port(), None
-    agent = AgentRun(new_device(tmp_path, f"mqtt://127.0.0.1:{port}"))
+    agent = AgentRun(new_device(tmp_path, f"mqtts://127.0.0.1:{port}"))
     try:
         agent.url()
         if accepted is not None:
@@ -405,13 +412,14 @@ def test_sigterm_stops_an_agent_whose_broker_is_unreachable(tmp_path, broker):
 
 def test_sigterm_stops_an_agent_waiting_on_a_silent_fleet(slot_releases, tmp_path):
     """The broker is up, the fleet is not: the agent asks for a release's metadata and waits."""
-    broker, stop_broker = mosquitto_broker(tmp_path)
-    fleet = Fleetless(broker)
+    home = new_fleet(tmp_path)
+    broker = secured_mosquitto(home)
+    fleet = Fleetless(home)
     agent = None
     try:
         fleet.client.publish(wire.topic(DEVICE, "desired"), wire.encode({"release_id": 1, "target": slot_releases.v1.name}),
                              qos=1, retain=True).wait_for_publish(DEADLINE_S)
-        agent = AgentRun(new_device(tmp_path, broker))
+        agent = AgentRun(new_device(tmp_path, home))
         wait_for(lambda: any((s.get("execution") or {}).get("state") == "downloading" for s in list(fleet.states)),
                  "the agent to start fetching the release")
         print(f"silent fleet: stopped in {agent.sigterm_stops_it():.2f}s")
@@ -419,4 +427,4 @@ def test_sigterm_stops_an_agent_waiting_on_a_silent_fleet(slot_releases, tmp_pat
         if agent is not None:
             agent.stop()
         fleet.stop()
-        stop_broker()
+        broker.stop()
