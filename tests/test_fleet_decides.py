@@ -184,7 +184,7 @@ class Forger:
         wait_for(subscribed.is_set, "the forger to connect", 10)
 
     @classmethod
-    def through(cls, client: mqtt.Client) -> "Forger":
+    def through(cls, client: mqtt.Client) -> Forger:
         """Publish on `client`, a connected device's own connection (a compromised agent lying)."""
         forger = cls.__new__(cls)
         forger.messages, forger.own, forger.client = [], False, client
