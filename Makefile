@@ -8,7 +8,7 @@ THIRD_PARTY_MODELS = silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 face-detectio
 	pymicro-wakeword==2.5.0 pymicro-features==2.0.2 pyopen-wakeword==1.1.0 \
 	nudenet==3.4.2 basic-pitch==0.4.0 scikit-image==0.26.0
 
-.PHONY: demo test test-heavy bench bench-fanout bench-agent bench-ingest bench-live bench-scale fuzz clean mosquitto
+.PHONY: demo test test-heavy bench bench-fanout bench-agent bench-ingest bench-live bench-scale bench-tls fuzz clean mosquitto
 
 demo: $(VENV)/.demo mosquitto
 	$(VENV)/bin/edgeops demo
@@ -67,6 +67,9 @@ bench-live: $(VENV)/.dev mosquitto
 
 bench-scale: $(VENV)/.dev mosquitto
 	$(VENV)/bin/python bench/fleet_scale_bench.py
+
+bench-tls: $(VENV)/.dev mosquitto
+	$(VENV)/bin/python bench/tls_bench.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

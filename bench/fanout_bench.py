@@ -73,7 +73,8 @@ def _raw_worker(url: str, ids: list[tuple], total: int, done: mp.Queue, ready: m
     for cid, tls in ids:
         got = [0]
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=mqtt.MQTTv311)
-        c.tls_set_context(tls.context())
+        if tls is not None:  # None: a plaintext loopback broker (tls_bench.py's baseline)
+            c.tls_set_context(tls.context())
         c.max_inflight_messages_set(100)
 
         def on_message(client, userdata, message, got=got, cid=cid):
@@ -196,16 +197,22 @@ def _split(items: list, procs: int) -> list[list]:
 
 
 def raw_phase(ctx, home, work: Path, payload: bytes, n: int, procs: int, timeout: float) -> float:
+    """Seconds until N subscribers have `payload`, on the fleet's broker URL (mqtts://, or a plaintext
+    mqtt:// loopback baseline, where the clients use no certificates)."""
     import paho.mqtt.client as mqtt
 
     from edgeops.fleet import ca
     from edgeops.protocol.mqtt import BrokerAddress, TlsFiles
 
     url = home.broker_url
+    address = BrokerAddress.parse(url)
     (work / "raw").mkdir(parents=True, exist_ok=True)
     subscribers = []
     for i in range(n):  # each subscriber with a certificate of its own, as each agent has
         cid = f"raw-{i}"
+        if not address.tls:
+            subscribers.append((cid, None))
+            continue
         cert, key = work / "raw" / f"{cid}.pem", work / "raw" / f"{cid}.key"
         ca.write_issued(ca.issue(home.pki, cid), cert, key)
         subscribers.append((cid, TlsFiles(home.pki / "ca.pem", cert, key)))
@@ -214,9 +221,9 @@ def raw_phase(ctx, home, work: Path, payload: bytes, n: int, procs: int, timeout
     workers = Workers(ctx, _raw_worker, [(url, ids, len(payload), done) for ids in groups], ready)
     try:
         _collect_ready(ready, len(groups), n, 90)
-        address = BrokerAddress.parse(url)
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv311)
-        pub.tls_set_context(home.client_tls().context())  # the fleet's certificate: it may write target streams
+        if address.tls:
+            pub.tls_set_context(home.client_tls().context())  # the fleet's certificate: it may write target streams
         pub.max_inflight_messages_set(100)
         pub.connect(address.host, address.port, keepalive=30)
         pub.loop_start()

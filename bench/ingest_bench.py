@@ -159,31 +159,40 @@ def _device_worker(url: str, creds: list[tuple], first_seq: int, records: int, b
 # ---- the broker and the fleet ----
 
 
-def start_mosquitto(home, work: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Mosquitto with the files `edgeops fleet mosquitto-config` writes, plus `extra` lines."""
+def broker_files(home, work: Path, extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """The files `edgeops fleet mosquitto-config --ingest-workers 4` writes (in `work/broker`), plus `extra` lines."""
     import getpass
 
-    from edgeops.fleet.broker import mosquitto_binary
     from edgeops.fleet.mosquitto import write_config
-    from edgeops.protocol.mqtt import BrokerAddress
 
     lines = ["persistence false", f"log_dest file {work / 'broker' / 'mosquitto.log'}",
              f"user {getpass.getuser()}",  # as root Mosquitto would switch to user `mosquitto`, who cannot read the keys
              *extra]
-    files = write_config(home, work / "broker", "127.0.0.1", ingest_workers=MAX_WORKERS, extra=lines)
-    port = BrokerAddress.parse(home.broker_url).port
-    binary = mosquitto_binary()
-    proc = subprocess.Popen([binary, "-c", str(files["conf"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return write_config(home, work / "broker", "127.0.0.1", ingest_workers=MAX_WORKERS, extra=lines)
+
+
+def run_mosquitto(conf: Path, port: int, log: Path) -> subprocess.Popen:
+    """Mosquitto on `conf` (which logs to `log`), once it listens on `port`; stopped on exit."""
+    from edgeops.fleet.broker import mosquitto_binary
+
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(stop_process, proc)
-    log = work / "broker" / "mosquitto.log"
 
     def listening() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:] if log.exists() else ''}")
         return log.exists() and f"listen socket on port {port}" in log.read_text()
 
     _wait(listening, "mosquitto to listen", 10)
     return proc
+
+
+def start_mosquitto(home, work: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Mosquitto with the files `edgeops fleet mosquitto-config` writes, plus `extra` lines."""
+    from edgeops.protocol.mqtt import BrokerAddress
+
+    files = broker_files(home, work, extra)
+    return run_mosquitto(files["conf"], BrokerAddress.parse(home.broker_url).port, work / "broker" / "mosquitto.log")
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -318,8 +327,9 @@ def raw_phase(ctx, home, url: str, creds, args, total: int, broker_pid: int) -> 
     # the broker keeps nothing for it once the phase ends.
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-subscriber", clean_session=True,
                       protocol=mqtt.MQTTv311)
-    sub.tls_set_context(home.client_tls(worker_name(1)).context())
     address = BrokerAddress.parse(url)
+    if address.tls:  # else a plaintext loopback baseline (tls_bench.py)
+        sub.tls_set_context(home.client_tls(worker_name(1)).context())
     sub.connect_async(address.host, address.port)
     sub.on_connect = lambda c, *a: c.subscribe(f"{wire.PREFIX}/+/telemetry", 1)
     sub.on_subscribe = lambda *a: subscribed.set()
