@@ -50,9 +50,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import agent_bench  # noqa: E402
-import fanout_bench  # noqa: E402
-import ingest_bench  # noqa: E402
+import agent_bench
+import fanout_bench
+import ingest_bench
 
 TLS_KEYS = ("cafile", "certfile", "keyfile", "crlfile", "tls_version", "require_certificate",
             "use_identity_as_username", "use_username_as_clientid", "allow_anonymous")
