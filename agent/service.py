@@ -99,6 +99,7 @@ class Agent:
         self.downloads = state / "downloads"
         self._desired: queue.Queue[dict[str, Any]] = queue.Queue()
         self._settled: set[tuple[Any, str]] = set()
+        self._execution: dict[str, Any] | None = None  # the last execution reported, kept in later reports
         self._api_unsaved: str | None = None  # the API's address, when a full disk kept it out of api.json
         keepalive = self.config.option("keepalive_s", KEEPALIVE_S)
         if not 1 <= keepalive <= 65535:  # MQTT's two bytes; paho takes 0 as "never"
@@ -149,7 +150,10 @@ class Agent:
         return {"model": m["name"], "version": m["version"], "target": active.target, "slot": active.slot}
 
     def report(self, release: Any = None, state: str | None = None, reason: str = "") -> None:
-        execution = {"release": release, "state": state, "reason": reason} if state else None
+        """Publish the device's state; without `state`, the last execution reported stays in it."""
+        if state:
+            self._execution = {"release": release, "state": state, "reason": reason}
+        execution = self._execution
         self.link.report({"online": True, "profile": self.config.profile, "installed": self.installed(),
                           "execution": execution, "clock": self.trust.clock.skew(), "cert_expires": self._cert_expires()})
 

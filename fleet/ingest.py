@@ -125,13 +125,17 @@ def _records(report: Report) -> int:
     return len(report[2]["records"]) if report[0] == "telemetry" else 1
 
 
-def parse_report(leaf: str, payload: bytes) -> dict[str, Any]:
+def parse_report(leaf: str, payload: bytes, device_id: str | None = None) -> dict[str, Any]:
     """A `state` or `telemetry` message, parsed; WireError if malformed. A telemetry batch that is
     malformed yet a JSON object whose `records` name seqs (e.g. one without `dropped`) is returned as
     a refusal, `{"refused": reason, "seqs": [...], "records": []}`: telemetry.ingest counts it and
-    acknowledges those seqs, so the device is answered instead of sending it forever."""
+    acknowledges those seqs, so the device is answered instead of sending it forever. A state whose
+    `device` is not `device_id`, its topic's, is malformed."""
     if leaf != "telemetry":
-        return wire.decode(payload, {"device": str})
+        state = wire.decode(payload, {"device": str})
+        if device_id is not None and state["device"] != device_id:  # a device speaks only for itself
+            raise wire.WireError(f"a state naming device {state['device'][:64]!r} on {device_id}'s topic")
+        return state
     try:
         return wire.parse_telemetry(payload)
     except wire.WireError as exc:

@@ -58,7 +58,8 @@ OPEN = ("running", "paused")
 FAILED = ("failed", "rejected", "timed-out")
 SETTLED = ("active", *FAILED)
 CLOSED = ("rolled-back", "cancelled")  # the engine's final word on an execution
-DEVICE_STATES = (*IN_FLIGHT, "active", "failed", "rejected")  # what a device may report; the rest are the engine's
+# What a device may report; `queued` and the rest are the engine's.
+DEVICE_STATES = (*(s for s in IN_FLIGHT if s != "queued"), "active", "failed", "rejected")
 ACTIONS = ("pause", "resume", "abort", "rollback")
 BASELINE_S = 7 * 86400  # how far back the previous version's telemetry counts as its baseline
 

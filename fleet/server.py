@@ -115,7 +115,7 @@ class FleetServer:
             if leaf == "fetch":
                 self._answer_fetch(device_id, message.payload)
             elif leaf in ("state", "telemetry"):
-                self.writer.put((leaf, device_id, ingest.parse_report(leaf, message.payload), message.mid))
+                self.writer.put((leaf, device_id, ingest.parse_report(leaf, message.payload, device_id), message.mid))
                 stored = True  # acknowledged by the writer, after its commit
         except wire.WireError as exc:
             log.warning("dropped message on %s: %s", message.topic, exc)

@@ -179,7 +179,7 @@ def parse_fetch_request(payload: bytes) -> dict[str, Any]:
         message["blocks"] = _parse_want(message["path"], message["want"])
         return message
     offset, length = message.get("offset"), message.get("length")
-    if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or not 0 < length <= MAX_BLOCK:
+    if type(offset) is not int or type(length) is not int or offset < 0 or not 0 < length <= MAX_BLOCK:
         raise WireError("offset must be an integer >= 0 and length between 1 and 131072")
     return message
 
