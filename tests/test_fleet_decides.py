@@ -32,7 +32,6 @@ import pytest
 
 from edgeops.agent.serving import InvalidInput
 from edgeops.fleet import registry, rollout, telemetry
-from edgeops.fleet import server as fleet_server
 from edgeops.fleet.home import enroll_device, init_fleet, push
 from edgeops.fleet.ingest import parse_report
 from edgeops.fleet.plan import make_plan
@@ -43,7 +42,7 @@ from edgeops.protocol.bundle import read_bundle
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fleetkit import attacker_tls, device_tls, fleet_home, wait_for  # noqa: E402,F401  (fixture)
-from test_rollouts import ENGINE_S, PROFILE, ROLLOUT_S, Fleet, digits, rolled_out_v1  # noqa: E402,F401  (fixture)
+from test_rollouts import PROFILE, ROLLOUT_S, Fleet, digits, fleet, rolled_out_v1  # noqa: E402,F401  (fixtures)
 
 LAB = {"site": "lab"}
 CANARY = make_plan(stages="1dev,100%", bake="0.5s", min_calls=5)
@@ -210,16 +209,6 @@ class Forger:
         if self.own:
             self.client.loop_stop()
             self.client.disconnect()
-
-
-@pytest.fixture
-def fleet(fleet_home, tmp_path, monkeypatch):
-    monkeypatch.setattr(fleet_server, "ENGINE_S", ENGINE_S)
-    fleet = Fleet(tmp_path, fleet_home())  # its Mosquitto stops after the fleet closes (fleet_home's teardown)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
 
 
 def liar_forger(fleet: Fleet, liar: str) -> Forger:
