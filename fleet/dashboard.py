@@ -1,6 +1,8 @@
 """The fleet's web dashboard: a single page of plain HTML, JavaScript and CSS in fleet/static, served
-by the HTTP API (edgeops.fleet.api) at / and /ui/<name>. The page reads the API's open GET endpoints
-and, given the operator token, posts rollout actions; it loads nothing from anywhere else.
+by the HTTP API (edgeops.fleet.api) at / and /ui/<name>. An operator signs in with a token (checked
+with GET /v1/whoami, kept in the tab's sessionStorage, sent as `Authorization: Bearer`); the page
+reads the GET endpoints, the audit log included, and offers rollout actions only to the operator
+and admin roles (the API refuses them to a viewer anyway); it loads nothing from anywhere else.
 
 Invariants: `asset` serves only regular files directly inside fleet/static, named by 1-100 letters,
 digits, '.', '_' or '-' not starting with '.', with a known content type; any other path is None.

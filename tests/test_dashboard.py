@@ -1,17 +1,28 @@
 """The web dashboard in a real headless Chromium (the system's, driven by Playwright) against a live
-fleet: the embedded broker, a FleetServer running the rollout engine, the HTTP API, and three real
-agents serving the digits MLP. Version 1.0.0 went out to every lab device and completed; 1.1.0 is
-running, its one canary baking for an hour. The agents answered real inferences on both versions.
+fleet: its Mosquitto (mutual TLS with the fleet CA), a FleetServer running the rollout engine, the
+HTTP API served as `fleet serve` serves it (HTTPS with the fleet CA's certificate pki/api.pem) with
+reads closed, and three real agents serving the digits MLP. Version 1.0.0 went out to every lab
+device and completed; 1.1.0 is running, its one canary baking for an hour. The agents answered real
+inferences on both versions. Operators: vera (viewer), otto (operator), rita (viewer, revoked in a
+test), and fleet-admin (api_token).
 
-The page must show what the API says (devices, rollouts, series, one device's page), stay
-read-only without the operator token, offer and perform rollout actions with it, render text from
-the API as text, and load nothing from anywhere but the fleet. Screenshots go to test-artifacts/."""
+Chromium trusts the API's certificate by its public key (--ignore-certificate-errors-spki-list),
+not by any certificate error being ignored; Python checks that the certificate served chains to the
+fleet CA. The page shows nothing but the login form until a token is accepted; then it must show
+what the API says (devices, rollouts, series, the audit log, one device's page), offer rollout
+actions to operators and admins and never to viewers, perform them as the operator signed in (the
+audit log names them), render text from the API as text, and load nothing from anywhere but the
+fleet. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
+import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -22,17 +33,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from edgeops.agent.service import Agent
-from edgeops.fleet.api import ApiServer
-from edgeops.fleet.broker import EmbeddedBroker
+from edgeops.fleet import operators, registry
+from edgeops.fleet.api import ApiServer, serve_options
 from edgeops.fleet.dashboard import STATIC, asset
-from edgeops.fleet.home import enroll_device, init_fleet, push
+from edgeops.fleet.home import enroll_device, push
 from edgeops.fleet.plan import make_plan
 from edgeops.fleet.server import FleetServer
-from fleetkit import free_port, wait_for
+from fleetkit import new_fleet, secured_mosquitto, wait_for
 from realparts import missing
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+OPERATORS = {"vera": "viewer", "otto": "operator", "rita": "viewer"}
 LAB = {"dev-a": {"site": "lab", "ring": "canary"}, "dev-b": {"site": "lab"}, "dev-c": {"site": "lab"}}
 SHELF = ("shelf-1", "rpi4", {"site": "depot", "note": "<img src=x onerror=window.pwned=1>"})  # never runs
 CALLS = 30  # inferences per agent on each version it runs
@@ -52,9 +67,17 @@ def test_assets_are_the_static_files_and_nothing_else():
     assert asset("/ui/" + "../" * 8 + "etc/passwd") is None
 
 
-def get(url: str, path: str) -> dict:
-    with urllib.request.urlopen(url + path, timeout=10) as answer:
+def get(url: str, path: str, token: str, context: ssl.SSLContext) -> dict:
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
         return json.load(answer)
+
+
+def spki_sha256(cert_pem: bytes) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list takes: base64 of the SHA-256 of the public key."""
+    public = x509.load_pem_x509_certificate(cert_pem).public_key()
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 def chromium() -> str:
@@ -65,14 +88,16 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(fleet):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
         missing(f"playwright is not installed ({exc}; pip install playwright)")
     executable = chromium()  # the system's: Playwright never downloads a browser here
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
+        # the API's certificate is accepted for its key alone: any other certificate is an error
+        browser = playwright.chromium.launch(executable_path=executable,
+                                             args=[f"--ignore-certificate-errors-spki-list={fleet.spki}"])
         yield browser
         browser.close()
 
@@ -80,14 +105,21 @@ def browser():
 @pytest.fixture(scope="module")
 def fleet(slot_releases, digits_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
-    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
-    home = init_fleet(root / "fleet", broker.url)
+    home = new_fleet(root)
+    broker = secured_mosquitto(home)
+    db = registry.open_db(home.db_path)
+    tokens = {name: operators.add(db, name, role) for name, role in OPERATORS.items()}
+    tokens["fleet-admin"] = home.config["api_token"]
     quiet = {"metrics_interval_s": 3600, "drift_window": 20}
     for device_id, labels in LAB.items():
         enroll_device(home, device_id, "x86-vnni", labels, root / device_id, agent=quiet)
     enroll_device(home, SHELF[0], SHELF[1], SHELF[2], root / SHELF[0])
-    server = FleetServer(home, broker.url).start()
-    api = ApiServer(home, "127.0.0.1:0").start()
+    server = FleetServer(home, home.broker_url).start()
+    api = ApiServer(home, "127.0.0.1:0", **serve_options(home, {"open_reads": False})).start()  # as `fleet serve`
+    pinned = ssl.create_default_context(cafile=str(home.pki / "ca.pem"))  # the fleet CA and nothing else
+
+    def read(path: str) -> dict:
+        return get(api.url, path, tokens["fleet-admin"], pinned)
     stop = threading.Event()
     agents = [Agent(root / device_id) for device_id in LAB]
     threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
@@ -96,18 +128,19 @@ def fleet(slot_releases, digits_model, tmp_path_factory):
     pixels = np.load(digits_model.eval)["pixels"]
     try:
         v1 = push(home, [slot_releases.v1], {"site": "lab"}, plan=make_plan(stages="100%", bake=0, min_calls=0))
-        wait_for(lambda: get(api.url, f"/v1/rollouts/{v1}")["state"] == "completed", "1.0.0 to complete")
+        wait_for(lambda: read(f"/v1/rollouts/{v1}")["state"] == "completed", "1.0.0 to complete")
         serve(agents, pixels)
         v2 = push(home, [slot_releases.v2], {"site": "lab"}, plan=make_plan(stages="1dev,100%", bake="1h", min_calls=0))
         canary = wait_for(lambda: next((a for a in agents if (a.installed() or {}).get("version") == "1.1.0"), None),
                           "a canary to run 1.1.0")
         serve([canary], pixels)
-        model = get(api.url, f"/v1/rollouts/{v2}")["model"]
-        wait_for(lambda: calls(api.url, model) == {"1.0.0": CALLS * len(agents), "1.1.0": CALLS},
+        model = read(f"/v1/rollouts/{v2}")["model"]
+        wait_for(lambda: calls(read, model) == {"1.0.0": CALLS * len(agents), "1.1.0": CALLS},
                  "every inference to reach the fleet")
-        wait_for(lambda: get(api.url, f"/v1/rollouts/{v2}")["stages"][0]["active"] == 1, "the canary to count as active")
-        yield SimpleNamespace(url=api.url, token=home.config["api_token"], v1=v1, v2=v2, model=model,
-                              canary=canary.config.id)
+        wait_for(lambda: read(f"/v1/rollouts/{v2}")["stages"][0]["active"] == 1, "the canary to count as active")
+        yield SimpleNamespace(url=api.url, get=read, tokens=tokens, token=tokens["fleet-admin"], v1=v1, v2=v2,
+                              model=model, canary=canary.config.id, home=home, db=db, pinned=pinned,
+                              spki=spki_sha256((home.pki / "api.pem").read_bytes()))
     finally:
         stop.set()
         for thread in threads:
@@ -123,8 +156,8 @@ def serve(agents: list[Agent], pixels: np.ndarray) -> None:
             agent.infer({"pixels": pixels[i : i + 1]})
 
 
-def calls(url: str, model: str) -> dict[str, int]:
-    series = get(url, f"/v1/series?model={model}&bucket=3600")
+def calls(read, model: str) -> dict[str, int]:
+    series = read(f"/v1/series?model={model}&bucket=3600")
     return {v["version"]: sum(p["calls"] for p in v["points"]) for v in series["versions"]}
 
 
@@ -156,9 +189,22 @@ def eventually(shown, expected, what: str):
         time.sleep(0.2)
 
 
-def open_dashboard(page, fleet, fragment: str = "/") -> None:
+def open_dashboard(page, fleet, who: str = "vera", fragment: str = "/") -> None:
+    """Open the page and sign in as operator `who` through the login form (reads are closed)."""
     page.goto(f"{fleet.url}/#{fragment}")
+    page.get_by_test_id("sign-in").wait_for(timeout=DEADLINE_S * 1000)
+    page.get_by_test_id("token-input").fill(fleet.tokens[who])
+    page.get_by_test_id("token-input").press("Enter")
     page.get_by_test_id("updated").filter(has_text="updated").wait_for(timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("operator-name").text_content() == who
+
+
+SHOWN_AUDIT = """() => [...document.querySelectorAll('[data-testid=audit-entry]')].map(tr =>
+  ['actor', 'action', 'object', 'result'].map(id => tr.querySelector(`[data-testid=${id}]`).textContent))"""
+
+
+def api_audit(fleet) -> list[list[str]]:
+    return [[e["actor"], e["action"], e["object"], e["result"]] for e in fleet.get("/v1/audit?limit=20")["entries"]]
 
 
 SHOWN_DEVICES = """() => [...document.querySelectorAll('#device-rows tr')].map(tr => {
@@ -197,13 +243,13 @@ def api_devices(fleet) -> list[dict]:
              "installed": f"{d['installed_model']} {d['installed_version']}" if d["installed_version"] else "-",
              "execution": f"r{d['execution']['release_id']} {d['execution']['state']}" if d["execution"] else "-",
              "labels": [f"{k}={v}" for k, v in d["labels"].items()]}
-            for d in get(fleet.url, "/v1/devices")["devices"]]
+            for d in fleet.get("/v1/devices")["devices"]]
 
 
 def api_rollouts(fleet, operator: bool = False) -> list[dict]:
     found = []
-    for r in get(fleet.url, "/v1/rollouts")["rollouts"]:
-        decisions = get(fleet.url, f"/v1/rollouts/{r['id']}")["decisions"][:5]
+    for r in fleet.get("/v1/rollouts")["rollouts"]:
+        decisions = fleet.get(f"/v1/rollouts/{r['id']}")["decisions"][:5]
         found.append({
             "card": f"rollout-{r['id']}", "release": f"{r['model']} {r['version']}", "state": r["state"],
             "next": "next: " + re.sub(r"[0-9]+", "N", r["next"]),
@@ -218,15 +264,41 @@ def api_rollouts(fleet, operator: bool = False) -> list[dict]:
 
 
 def api_charts(fleet, bucket: int) -> dict:
-    series = get(fleet.url, f"/v1/series?model={fleet.model}&bucket={bucket}")["versions"]
+    series = fleet.get(f"/v1/series?model={fleet.model}&bucket={bucket}")["versions"]
     return {"legend": [v["version"] for v in series],
             "charts": {f"chart-{key}": {v["version"]: sum(map(has, v["points"])) for v in series} for key, has in (
                 ("p95_ms", lambda p: p["p95_ms"] is not None), ("error_rate", lambda p: p["error_rate"] is not None),
                 ("drift_alarms", lambda p: p["drift_windows"] > 0))}}
 
 
-def test_overview_shows_what_the_api_says_read_only(page, fleet):
-    open_dashboard(page, fleet)
+def test_served_over_https_with_a_certificate_from_the_fleet_ca(fleet):
+    host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with fleet.pinned.wrap_socket(raw, server_hostname=host) as tls:  # verifies the chain to pki/ca.pem
+            served = tls.getpeercert(binary_form=True)
+    issued = x509.load_pem_x509_certificate((fleet.home.pki / "api.pem").read_bytes())
+    assert served == issued.public_bytes(serialization.Encoding.DER)
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # no system CA vouches for it
+        urllib.request.urlopen(fleet.url + "/v1/health", timeout=10, context=ssl.create_default_context())
+    with pytest.raises(OSError):  # and it speaks nothing but TLS: a plain request is dropped
+        urllib.request.urlopen(fleet.url.replace("https://", "http://") + "/v1/health", timeout=10)
+
+
+def test_signed_out_the_page_shows_only_the_login(page, fleet):
+    page.goto(f"{fleet.url}/#/")
+    page.get_by_test_id("sign-in").wait_for(timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("mode").text_content() == "signed out"
+    assert page.get_by_test_id("overview").is_hidden() and page.locator("#device-rows tr").count() == 0
+    page.get_by_test_id("token-input").fill("not-a-token")
+    page.get_by_test_id("token-input").press("Enter")
+    page.get_by_test_id("notice").filter(has_text="wrong token").wait_for(timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("mode").text_content() == "signed out"
+    assert page.evaluate("sessionStorage.getItem('edgeops.token')") is None  # a refused token is not kept
+    assert page.get_by_test_id("overview").is_hidden()
+
+
+def test_overview_shows_what_the_api_says_to_a_viewer(page, fleet):
+    open_dashboard(page, fleet, "vera")
     shown = eventually(lambda: page.evaluate(SHOWN_DEVICES), lambda: api_devices(fleet), "device rows = GET /v1/devices")
     assert {d["id"] for d in shown} == {*LAB, SHELF[0]}
     assert {d["installed"].split()[-1] for d in shown if d["id"] in LAB} == {"1.0.0", "1.1.0"}
@@ -240,14 +312,16 @@ def test_overview_shows_what_the_api_says_read_only(page, fleet):
                             f"one line per version = GET /v1/series?bucket={bucket}")
         assert charts["legend"] == ["1.0.0", "1.1.0"] and all(charts["charts"]["chart-p95_ms"].values())
 
-    assert page.get_by_test_id("mode").text_content() == "read-only"
-    assert page.locator("button[data-testid^=action-]").count() == 0
+    assert page.get_by_test_id("mode").text_content() == "viewer"
+    assert page.locator("button[data-testid^=action-]").count() == 0  # a viewer is offered no action
+    audit = eventually(lambda: page.evaluate(SHOWN_AUDIT), lambda: api_audit(fleet), "the audit panel = GET /v1/audit")
+    assert page.get_by_test_id("audit").is_visible() and ["engine", "complete", f"rollout {fleet.v1}", "ok"] in audit
     # a label is text, however much it looks like HTML
     assert page.get_by_test_id(f"device-{SHELF[0]}").get_by_text(f"note={SHELF[2]['note']}").count() == 1
     assert page.locator("img").count() == 0 and page.evaluate("window.pwned") is None
     for path in ("/ui/..%2fapi.py", "/ui/%2e%2e%2f%2e%2e%2ffleet%2ffleet.json", "/ui/dashboard.py"):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(fleet.url + path, timeout=10)
+            urllib.request.urlopen(fleet.url + path, timeout=10, context=fleet.pinned)
         assert refused.value.code == 404, path
 
 
@@ -284,7 +358,7 @@ def test_device_page_shows_the_device(page, fleet):
     detail = page.get_by_test_id(f"device-detail-{fleet.canary}")
     detail.wait_for(timeout=DEADLINE_S * 1000)
     assert page.url.endswith(f"#/devices/{fleet.canary}")
-    releases = {r["id"]: f"r{r['id']} {r['model']} {r['version']}" for r in get(fleet.url, "/v1/releases")["releases"]}
+    releases = {r["id"]: f"r{r['id']} {r['model']} {r['version']}" for r in fleet.get("/v1/releases")["releases"]}
 
     def shown() -> dict:
         return {"profile": detail.get_by_test_id("field-profile").text_content(),
@@ -294,7 +368,7 @@ def test_device_page_shows_the_device(page, fleet):
                 "calls": detail.get_by_test_id("field-calls").text_content()}
 
     def expected() -> dict:
-        d = get(fleet.url, f"/v1/devices/{fleet.canary}")
+        d = fleet.get(f"/v1/devices/{fleet.canary}")
         return {"profile": d["profile"], "labels": [f"{k}={v}" for k, v in d["labels"].items()],
                 "installed": f"{d['installed_model']} {d['installed_version']} ({d['installed_target']}, slot {d['slot']})",
                 "history": [[releases[x["release_id"]], x["state"]] for x in d["history"]],
@@ -306,37 +380,57 @@ def test_device_page_shows_the_device(page, fleet):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-device.png"), full_page=True)
 
-    page.goto(f"{fleet.url}/#/devices/no-such-device")
+    page.goto(f"{fleet.url}/#/devices/no-such-device")  # the token stays for the tab (sessionStorage)
     page.get_by_test_id("device-missing").wait_for(timeout=DEADLINE_S * 1000)
 
 
-def test_operator_token_enables_rollout_actions(page, fleet):
-    open_dashboard(page, fleet, f"token={fleet.token}")
+def test_an_operator_pauses_a_rollout_and_the_audit_log_names_them(page, fleet):
+    open_dashboard(page, fleet, "otto")
     assert page.get_by_test_id("mode").text_content() == "operator"
-    assert fleet.token not in page.url  # the token leaves the address bar and the history
+    assert page.get_by_test_id("token-form").is_hidden() and page.get_by_test_id("forget-token").is_visible()
     eventually(lambda: page.evaluate(SHOWN_ROLLOUTS), lambda: api_rollouts(fleet, operator=True),
                "each rollout's actions, as its state allows")
 
     running = page.get_by_test_id(f"rollout-{fleet.v2}")
     running.get_by_test_id("action-pause").click()
-    wait_for(lambda: get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "paused", "the pause to reach the fleet",
+    wait_for(lambda: fleet.get(f"/v1/rollouts/{fleet.v2}")["state"] == "paused", "the pause to reach the fleet",
              DEADLINE_S)
     running.get_by_test_id("action-resume").wait_for(timeout=DEADLINE_S * 1000)
     assert running.get_by_test_id("state").text_content() == "paused"
-    decision = get(fleet.url, f"/v1/rollouts/{fleet.v2}")["decisions"][0]
+    decision = fleet.get(f"/v1/rollouts/{fleet.v2}")["decisions"][0]
     assert (decision["actor"], decision["action"]) == ("operator", "pause")
     running.get_by_test_id(f"decision-{decision['id']}").wait_for(timeout=DEADLINE_S * 1000)
-    running.get_by_test_id("action-resume").click()
-    running.get_by_test_id("action-pause").wait_for(timeout=DEADLINE_S * 1000)
-    assert get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "running"
+    paused = ["otto", "rollout pause", f"rollout {fleet.v2}", "ok"]
+    assert api_audit(fleet)[0] == paused  # the fleet's audit log names the operator signed in
+    audit = eventually(lambda: page.evaluate(SHOWN_AUDIT)[:1], lambda: api_audit(fleet)[:1], "the pause in the audit panel")
+    assert audit == [paused]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    running.get_by_test_id("action-resume").click()
+    running.get_by_test_id("action-pause").wait_for(timeout=DEADLINE_S * 1000)
+    assert fleet.get(f"/v1/rollouts/{fleet.v2}")["state"] == "running"
+    assert api_audit(fleet)[0] == ["otto", "rollout resume", f"rollout {fleet.v2}", "ok"]
 
     page.get_by_test_id("forget-token").click()
-    assert page.get_by_test_id("mode").text_content() == "read-only"
+    page.get_by_test_id("sign-in").wait_for(timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("mode").text_content() == "signed out"
     assert page.locator("button[data-testid^=action-]").count() == 0  # at once, not at the next refresh
-    page.get_by_test_id("token-input").fill("not-the-token")
-    page.get_by_test_id("token-input").press("Enter")
-    running.get_by_test_id("action-pause").click()
-    page.get_by_test_id("notice").filter(has_text="wrong token").wait_for(timeout=DEADLINE_S * 1000)
-    assert get(fleet.url, f"/v1/rollouts/{fleet.v2}")["state"] == "running"
+    assert page.evaluate("sessionStorage.getItem('edgeops.token')") is None
+
+
+def test_a_token_in_the_address_signs_in_and_leaves_it(page, fleet):
+    page.goto(f"{fleet.url}/#token={fleet.token}")
+    page.get_by_test_id("updated").filter(has_text="updated").wait_for(timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("mode").text_content() == "admin"
+    assert page.get_by_test_id("operator-name").text_content() == "fleet-admin"
+    assert fleet.token not in page.url  # the token leaves the address bar and the history
+    eventually(lambda: page.evaluate(SHOWN_ROLLOUTS), lambda: api_rollouts(fleet, operator=True), "an admin's actions")
+
+
+def test_a_revoked_token_signs_the_page_out(page, fleet):
+    open_dashboard(page, fleet, "rita")
+    operators.revoke(fleet.db, "rita")
+    page.get_by_test_id("notice").filter(has_text="signed out: the fleet refused the token").wait_for(
+        timeout=DEADLINE_S * 1000)
+    assert page.get_by_test_id("mode").text_content() == "signed out"
+    assert page.get_by_test_id("overview").is_hidden()

@@ -1,11 +1,14 @@
-/* The edgeops fleet dashboard: reads the fleet's open GET API every REFRESH_MS while the tab is
-   visible and renders it (the device table: the first page of GET /v1/devices, filtered by the
-   server, so a large fleet is never fetched whole); with the operator token (from "#token=..." or
-   the token field, kept in sessionStorage only) it offers rollout actions, posted with
-   "Authorization: Bearer <token>".
+/* The edgeops fleet dashboard: reads the fleet's GET API every REFRESH_MS while the tab is visible
+   and renders it (the device table: the first page of GET /v1/devices, filtered by the server, so a
+   large fleet is never fetched whole; the audit log: the latest AUDIT_SHOWN entries). An operator
+   signs in with a token (the login form, or "#token=..."), which GET /v1/whoami checks before it
+   is kept, in sessionStorage only, and sent with every request as "Authorization: Bearer <token>".
+   Its role decides what the page offers: rollout actions for operators and admins, never for
+   viewers; without a token, the page reads only where the server's reads are open.
 
    Invariants: text from the API reaches the page only as text nodes and attribute values, never as
-   HTML; the page fetches only from the fleet that served it; routes are "#/" and "#/devices/<id>". */
+   HTML; the page fetches only from the fleet that served it; a token the server refuses (wrong,
+   revoked) is dropped at once; routes are "#/" and "#/devices/<id>". */
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -21,6 +24,8 @@ const FULL_CARDS = 6;
 const DEVICE_PAGE = 100;  // rows the device table asks for at first, and more with each "show more"
 const MAX_PAGE = 1000;  // the most GET /v1/devices answers in one page
 const DECISIONS_SHOWN = 5;
+const AUDIT_SHOWN = 20;
+const ACTING_ROLES = new Set(["operator", "admin"]);  // fleet/operators.py: who may push and steer rollouts
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"];
 /* [series field, title, label format, whether a point has a value]: a bucket without calls has no
    latency or error rate, one without drift windows no alarm count (not zero alarms). */
@@ -33,6 +38,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const rendered = {};  // section -> JSON of the data it was last rendered from
 let status = null;  // the last GET /v1/status
+let who = null;  // GET /v1/whoami for the token in use: {name, role, reads_open}
 let releases = new Map();
 let deviceLimit = DEVICE_PAGE;
 let timer = null;
@@ -104,28 +110,67 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
-function setToken(value) {
-  if (value) sessionStorage.setItem(TOKEN_KEY, value);
-  else sessionStorage.removeItem(TOKEN_KEY);
-  const operator = Boolean(value);
-  $("mode").textContent = operator ? "operator" : "read-only";
-  $("mode").className = `badge ${operator ? "operator" : "read-only"}`;
-  $("forget-token").hidden = !operator;
-  $("token-form").hidden = operator;
+function mayAct() {
+  return Boolean(who && ACTING_ROLES.has(who.role));
+}
+
+/* Ask the fleet who `value` belongs to and keep it only if the fleet knows it; without one (or
+   when it is refused), learn whether reads are open. Empty `value`: sign out. */
+async function signIn(value) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (value) {
+    try {
+      const answer = await api("/v1/whoami", {headers: {"Authorization": `Bearer ${value}`}});
+      sessionStorage.setItem(TOKEN_KEY, value);
+      message("notice", "");
+      setWho(answer);
+      return;
+    } catch (error) {
+      message("notice", error.status === 401 ? `sign-in refused: ${error.message}` : `cannot sign in: ${error.message}`);
+    }
+  }
+  try {
+    const anonymous = await api("/v1/whoami");
+    setWho({name: null, role: null, reads_open: anonymous.reads_open});
+  } catch (error) {
+    message("error", `cannot read the fleet API: ${error.message}`);
+    setWho(null);
+  }
+}
+
+function setWho(answer) {
+  who = answer;
+  const role = who && who.role;
+  $("mode").textContent = role || (who && who.reads_open ? "read-only" : "signed out");
+  $("mode").className = `badge ${role ? `role-${role}` : "read-only"}`;
+  $("operator-name").textContent = role ? who.name : "";
+  $("forget-token").hidden = !role;
+  $("token-form").hidden = Boolean(role);
+  $("sign-in").hidden = Boolean(role) || Boolean(who && who.reads_open);
+  if (who && !role && !who.reads_open) show("none");  // signed out of a closed fleet: nothing stays in view
   drawRolloutsIfChanged();
 }
 
-/* "#token=abc" or "#/devices/x?token=abc": keep the token, drop it from the address bar and history. */
-function takeTokenFromHash() {
+/* The token was refused on a read (revoked meanwhile): forget it, and say so. */
+function tokenRefused(error) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  setWho(who && {name: null, role: null, reads_open: who.reads_open});
+  message("notice", `signed out: the fleet refused the token (${error.message})`);
+}
+
+/* "#token=abc" or "#/devices/x?token=abc": sign in with the token, drop it from the address bar and history. */
+async function takeTokenFromHash() {
   const match = location.hash.match(/[#?&]token=([^&]*)/);
   if (!match) return;
+  let value = null;
   try {
-    setToken(decodeURIComponent(match[1]));
+    value = decodeURIComponent(match[1]);
   } catch {
     message("notice", "the token in the address is not valid URL encoding");
   }
   const rest = (location.hash.slice(0, match.index) + location.hash.slice(match.index + match[0].length)).replace(/^#/, "");
   history.replaceState(null, "", `${location.pathname}${location.search}#${rest || "/"}`);
+  if (value !== null) await signIn(value);
 }
 
 function route() {
@@ -140,7 +185,8 @@ function route() {
 }
 
 async function api(path, options) {
-  const response = await fetch(path, {cache: "no-store", ...options});
+  const sent = {...options, headers: {...(token() ? {"Authorization": `Bearer ${token()}`} : {}), ...(options || {}).headers}};
+  const response = await fetch(path, {cache: "no-store", ...sent});
   let body = null;
   try {
     body = await response.json();
@@ -157,8 +203,7 @@ async function act(id, action) {
   if (CONFIRM.has(action) && !confirm(`${action} rollout #${id}?`)) return;
   try {
     await api(`/v1/rollouts/${encodeURIComponent(id)}/${action}`, {
-      method: "POST", body: "{}",
-      headers: {"Authorization": `Bearer ${token()}`, "Content-Type": "application/json"},
+      method: "POST", body: "{}", headers: {"Content-Type": "application/json"},
     });
     message("notice", `${action}: done for rollout #${id}`);
   } catch (error) {
@@ -177,6 +222,11 @@ async function refresh() {
   }
   busy = true;
   try {
+    if (who && !who.role && !who.reads_open) {  // nothing to read without a token: the login form only
+      show("none");
+      $("updated").textContent = "sign in to see the fleet";
+      return;
+    }
     const where = route();
     if (where.page === "device") await renderDevicePage(where.id);
     else await renderOverview();
@@ -184,7 +234,8 @@ async function refresh() {
     message("error", "");
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
-    message("error", `cannot read the fleet API: ${error.message} (showing the last data)`);
+    if (error.status === 401 && token()) tokenRefused(error);
+    else message("error", `cannot read the fleet API: ${error.message} (showing the last data)`);
   } finally {
     busy = false;
     if (again) {
@@ -207,7 +258,8 @@ function renderChanged(section, data, draw) {
 /* ---------- overview ---------- */
 
 async function renderOverview() {
-  const [fresh, devices] = await Promise.all([api("/v1/status"), api(devicesPath())]);
+  const [fresh, devices, audit] = await Promise.all([api("/v1/status"), api(devicesPath()),
+                                                     api(`/v1/audit?limit=${AUDIT_SHOWN}`)]);
   const models = [...new Set([...fresh.rollouts, ...fresh.releases].map((r) => r.model))].sort();
   const bucket = $("bucket").value;
   const series = await Promise.all(models.map((model) =>
@@ -220,12 +272,13 @@ async function renderOverview() {
   renderChanged("charts", series, drawCharts);
   renderChanged("devices", {devices, all: status.device_counts.total, releases: status.releases.map((r) => r.id)},
                 drawDevices);
+  renderChanged("audit", audit.entries, drawAudit);
 }
 
 /* Also called when the token comes or goes, so the action buttons follow at once. */
 function drawRolloutsIfChanged() {
   if (!status) return;
-  renderChanged("rollouts", {rollouts: status.rollouts, decisions: status.decisions, operator: Boolean(token())},
+  renderChanged("rollouts", {rollouts: status.rollouts, decisions: status.decisions, acting: mayAct()},
                 drawRollouts);
 }
 
@@ -261,7 +314,7 @@ function rolloutCard(r, decisions) {
 }
 
 function actionButtons(r) {
-  if (!token()) return null;
+  if (!mayAct()) return null;
   return h("span", {class: "actions"}, (ACTIONS[r.state] || []).map((action) =>
     h("button", {type: "button", class: `action ${action}`, "data-testid": `action-${action}`,
                  onclick: () => act(r.id, action)}, action)));
@@ -312,6 +365,17 @@ function drawAttention({attention, drift}) {
     ...attention.map((a) => h("li", {"data-testid": `attention-${a.device}`},
       h("a", {href: `#/devices/${encodeURIComponent(a.device)}`}, a.device),
       a.rollout === null ? "" : ` (rollout #${a.rollout})`, `: ${a.reason}`)));
+}
+
+/* ---------- audit log: every change, who made it, its result ---------- */
+
+function drawAudit(entries) {
+  $("audit-rows").replaceChildren(...(entries.length ? entries.map((e, i) =>
+    h("tr", {"data-testid": "audit-entry", "data-index": i, class: e.result === "ok" ? "" : "refused"},
+      h("td", {}, h("time", {}, clock(e.t))), h("td", {"data-testid": "actor"}, e.actor),
+      h("td", {"data-testid": "action"}, e.action), h("td", {"data-testid": "object"}, e.object),
+      h("td", {"data-testid": "result"}, e.result), h("td", {class: "muted"}, e.detail)))
+    : [h("tr", {}, h("td", {colspan: 6, class: "muted"}, "No changes recorded yet."))]));
 }
 
 /* ---------- devices ---------- */
@@ -454,18 +518,17 @@ function fields(rows) {
 
 /* ---------- start ---------- */
 
-function start() {
-  takeTokenFromHash();
-  setToken(token());
+async function start() {
   $("bucket").value = sessionStorage.getItem(BUCKET_KEY) || "60";
-  $("token-form").addEventListener("submit", (event) => {
+  $("token-form").addEventListener("submit", async (event) => {
     event.preventDefault();
-    setToken($("token-input").value.trim());
+    const value = $("token-input").value.trim();
     $("token-input").value = "";
+    await signIn(value);
     refresh();
   });
-  $("forget-token").addEventListener("click", () => {
-    setToken("");
+  $("forget-token").addEventListener("click", async () => {
+    await signIn("");
     refresh();
   });
   $("filter").addEventListener("input", filterDevices);
@@ -478,11 +541,13 @@ function start() {
     sessionStorage.setItem(BUCKET_KEY, $("bucket").value);
     refresh();
   });
-  window.addEventListener("hashchange", () => {
-    takeTokenFromHash();
+  window.addEventListener("hashchange", async () => {
+    await takeTokenFromHash();
     refresh();
   });
   document.addEventListener("visibilitychange", () => (document.hidden ? clearTimeout(timer) : refresh()));
+  if (/[#?&]token=/.test(location.hash)) await takeTokenFromHash();
+  else await signIn(token());
   refresh();
 }
 
