@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeops.cli import cli
-from edgeops.fleet import ca, client, drift, registry
+from edgeops.fleet import client, drift, registry
 from edgeops.fleet.api import ApiServer
 from edgeops.fleet.home import enroll_device, init_fleet
 
@@ -22,26 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_scale import _fleet  # noqa: E402  (60 devices: one failed, one drifting, telemetry)
 
 
-def _enroll_with_certificates(pki: Path):
-    """registry.enroll, with a real certificate from a CA in `pki` for a caller that passes none (a
-    registry enrollment records the device's certificate since the fleet CA)."""
-    ca.create_ca(pki)
-    enroll = registry.enroll
-
-    def enroll_issued(db, device_id, profile, labels, cert_pem=None, *args, **kwargs):
-        if not (isinstance(cert_pem, bytes) and cert_pem.startswith(b"-----BEGIN CERTIFICATE")):
-            cert_pem = ca.issue(pki, device_id).cert
-        return enroll(db, device_id, profile, labels, cert_pem, *args, **kwargs)
-
-    return enroll_issued
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     path = tmp_path_factory.mktemp("pages")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "enroll", _enroll_with_certificates(path / "pki"))
-        db, ids = _fleet(path, registry.LISTED + 10)
+    db, ids = _fleet(path, registry.LISTED + 10)
     registry.record_reports(db, [(d, {"online": False}) for d in ids[::7]])
     return db
 

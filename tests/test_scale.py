@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edgeops.fleet import derived, drift, exposition, registry, rollout, series, telemetry
+from edgeops.fleet import ca, derived, drift, exposition, registry, rollout, series, telemetry
 from edgeops.fleet.plan import make_plan
 
 T0 = 1_700_000_000.0
@@ -37,8 +37,10 @@ def _fleet(tmp_path, n: int):
     out by the engine to all of them, their reports, and telemetry: inference, metrics, drift windows."""
     db = registry.open_db(tmp_path / f"fleet-{n}.db")
     ids = [f"dev-{i:04d}" for i in range(n)]
-    for i, device in enumerate(ids):
-        registry.enroll(db, device, TARGETS[i % 2]["profile"], {"site": f"s{i % 3}"}, "hash")
+    pki = tmp_path / f"pki-{n}"
+    ca.create_ca(pki)
+    for i, device in enumerate(ids):  # each with a real certificate of its own from a fleet CA
+        registry.enroll(db, device, TARGETS[i % 2]["profile"], {"site": f"s{i % 3}"}, ca.issue(pki, device).cert)
     registry.record_reports(db, [(d, {"online": True}) for d in ids])
     release = registry.create_release(db, "m", "2", {}, TARGETS, make_plan(stages="100%", bake=0, min_calls=0))
     rollout.tick(db, T0)
