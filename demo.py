@@ -27,7 +27,7 @@ from edgeops.agent import api_client
 from edgeops.compiler.build import BuildRequest, build
 from edgeops.examples import ExampleModel, train_digits_mlp
 from edgeops.fleet import registry, rollout
-from edgeops.fleet.api import ApiServer
+from edgeops.fleet.api import ApiServer, serve_options
 from edgeops.fleet.broker import ManagedBroker, free_port
 from edgeops.fleet.drift import export, flagged
 from edgeops.fleet.drift import report as drift_report
@@ -76,8 +76,9 @@ def run_demo(workdir: Path, console: Console, keep_running: bool = False) -> dic
         demo.drift_round()
         status = registry.status(demo.db)
         render_status(status, console)
-        console.print(f"\ndashboard: [bold]{demo.api.url}/[/bold] (read-only; add #token=<api_token from "
-                      f"{workdir / 'fleet' / 'fleet.json'}> to steer rollouts)")
+        console.print(f"\ndashboard: [bold]{demo.api.url}/[/bold] (HTTPS with a certificate from the fleet CA "
+                      f"{demo.home.pki / 'ca.pem'}: import it into the browser, or accept the warning; read-only until "
+                      f"you sign in with api_token from {workdir / 'fleet' / 'fleet.json'})")
         if keep_running:
             demo.wait_for_interrupt()
     return {"builds": v1, "status": status}
@@ -110,7 +111,8 @@ class Demo:
             enroll_device(self.home, device_id, profile, {"site": "demo"}, self.workdir / "devices" / device_id, AGENT_SETTINGS)
         self.db = registry.open_db(self.home.db_path)
         self.server = FleetServer(self.home, self.home.broker_url, broker=self.broker).start()
-        self.api = ApiServer(FleetHome.open(self.home.path), "127.0.0.1:0").start()
+        home = FleetHome.open(self.home.path)
+        self.api = ApiServer(home, "127.0.0.1:0", **serve_options(home, {})).start()  # HTTPS, as `fleet serve`
         return self
 
     def __exit__(self, *exc: Any) -> None:
