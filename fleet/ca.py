@@ -3,6 +3,7 @@
 Layout (`FleetHome.pki`, every key mode 0600):
     ca.pem, ca.key              the fleet CA (ECDSA P-256: every embedded TLS stack speaks it)
     broker.pem, broker.key      the broker's server certificate, for the names devices dial
+    api.pem, api.key            the HTTP API's server certificate, for the names operators dial
     fleet.pem, fleet.key        the fleet server's client certificate (CN `_edgeops-fleet`)
     ingest-N.pem, ingest-N.key  ingest worker N's client certificate
     crl.pem                     the revocation list the broker checks every handshake against

@@ -21,7 +21,7 @@ def test_demo_rolls_out_rolls_back_and_flags_drift(tmp_path):
         assert read_bundle(report["bundle"]).manifest["profile"] == report["profile"]
         assert report["quality"]["drop"] <= report["quality"]["max_drop"]
     text = out.getvalue()
-    assert "one model, two boards" in text and "dashboard: http://127.0.0.1:" in text
+    assert "one model, two boards" in text and "dashboard: https://127.0.0.1:" in text
     status = result["status"]
     agents = AGENTS_PER_PROFILE * len(PROFILES)
     v2, v1 = status["rollouts"]
