@@ -269,7 +269,7 @@ def fleet() -> None:
       edgeops fleet serve ./fleet
       edgeops fleet serve ./fleet --broker mqtts://broker.example.net:8883
       edgeops fleet mosquitto-config ./fleet -o ./broker
-      edgeops fleet broker-cert ./fleet --broker-host broker.example.net
+      edgeops fleet certs ./fleet --broker-host broker.example.net
     """
 
 
@@ -329,7 +329,7 @@ def fleet_serve(directory: Path, broker: str | None, http: str, on_drift: str | 
     --fleet URL, and serves the dashboard at /. It speaks HTTPS with the fleet's certificate
     (pki/api.pem; clients pass --ca DIR/pki/ca.pem), or --tls-cert/--tls-key; plain HTTP only with
     --plain-http on loopback. Operators sign in with tokens from `edgeops operator add`. Add names
-    the API is reached by with `edgeops fleet api-cert DIR --api-host NAME`.
+    the API is reached by with `edgeops fleet certs DIR --api-host NAME`.
 
     \b
     Examples:
@@ -402,40 +402,34 @@ def fleet_mosquitto_config(directory: Path, out: Path, bind: str | None, ingest_
     click.echo(f"  mosquitto -c {files['conf']}")
 
 
-@fleet.command("broker-cert")
+@fleet.command("certs")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--broker-host", "broker_hosts", multiple=True, metavar="NAME",
               help="A host name or address devices reach the broker by, added to those it has (repeatable).")
-def fleet_broker_cert(directory: Path, broker_hosts: tuple[str, ...]) -> None:
-    """Issue the broker's TLS certificate again, for its names plus new ones; then restart the broker.
-
-    \b
-    Example:
-      edgeops fleet broker-cert ./fleet --broker-host broker.lan --broker-host 10.0.0.5
-    """
-    from edgeops.fleet.home import FleetHome, issue_broker_certificate
-
-    names = issue_broker_certificate(FleetHome.open(directory), list(broker_hosts))
-    click.echo(f"broker certificate issued for {', '.join(names)}; restart the broker (or `fleet serve`) to use it")
-
-
-@fleet.command("api-cert")
-@click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--api-host", "api_hosts", multiple=True, metavar="NAME",
               help="A host name or address operators reach the HTTP API by, added to those it has (repeatable).")
-def fleet_api_cert(directory: Path, api_hosts: tuple[str, ...]) -> None:
-    """Issue the HTTP API's TLS certificate (pki/api.pem) again, for its names plus new ones; then restart `fleet serve`.
+def fleet_certs(directory: Path, broker_hosts: tuple[str, ...], api_hosts: tuple[str, ...]) -> None:
+    """Issue the broker's and the HTTP API's TLS certificates again, for their names plus new ones;
+    then restart `fleet serve` (and a broker you run) to use them.
 
-    Clients check it against the fleet CA: `--ca DIR/pki/ca.pem` or EDGEOPS_CA.
+    Without options both are issued again for the names they have (before they expire). Clients
+    check them against the fleet CA (DIR/pki/ca.pem: `--ca` or EDGEOPS_CA for the API).
 
     \b
-    Example:
-      edgeops fleet api-cert ./fleet --api-host fleet.lan --api-host 10.0.0.5
+    Examples:
+      edgeops fleet certs ./fleet --broker-host broker.lan --broker-host 10.0.0.5
+      edgeops fleet certs ./fleet --api-host fleet.lan
+      edgeops fleet certs ./fleet
     """
-    from edgeops.fleet.home import FleetHome, issue_api_certificate
+    from edgeops.fleet.home import FleetHome, issue_api_certificate, issue_broker_certificate
 
-    names = issue_api_certificate(FleetHome.open(directory), list(api_hosts))
-    click.echo(f"API certificate issued for {', '.join(names)}; restart `fleet serve` to use it")
+    home = FleetHome.open(directory)
+    both = not broker_hosts and not api_hosts
+    if broker_hosts or both:
+        click.echo(f"broker certificate issued for {', '.join(issue_broker_certificate(home, list(broker_hosts)))}")
+    if api_hosts or both:
+        click.echo(f"API certificate issued for {', '.join(issue_api_certificate(home, list(api_hosts)))}")
+    click.echo("restart `fleet serve` (and a broker you run) to use them")
 
 
 @cli.group()

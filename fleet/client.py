@@ -169,7 +169,7 @@ def _untrusted(url: str, exc: ssl.SSLCertVerificationError) -> str:
     why = exc.verify_message or str(exc)
     if "mismatch" in why.lower() or "not valid for" in why.lower():
         return (f"the fleet API at {url} has a certificate for other names ({why}): reach it by a name the "
-                "certificate covers, or add this one with `edgeops fleet api-cert DIR --api-host NAME` and restart "
+                "certificate covers, or add this one with `edgeops fleet certs DIR --api-host NAME` and restart "
                 "`fleet serve`")
     against = f"the CA in {cafile}" if cafile else "this machine's trusted CAs"
     return (f"the fleet API at {url} presented a certificate not signed by {against} ({why}): pass "

@@ -611,7 +611,7 @@ def test_api_cert_covers_the_names_asked_for(tmp_path, cli_ok):
 
     cli_ok("fleet", "init", tmp_path / "f", "--broker", "mqtts://broker.lan:8883", "--api-host", "fleet.lan")
     assert names(tmp_path / "f") == {"broker.lan", "fleet.lan", "localhost", "127.0.0.1", "::1"}
-    assert "10.0.0.5" in cli_ok("fleet", "api-cert", tmp_path / "f", "--api-host", "10.0.0.5").stdout
+    assert "10.0.0.5" in cli_ok("fleet", "certs", tmp_path / "f", "--api-host", "10.0.0.5").stdout
     assert names(tmp_path / "f") == {"broker.lan", "fleet.lan", "localhost", "127.0.0.1", "::1", "10.0.0.5"}
     ca_pem = ssl.create_default_context(cafile=str(tmp_path / "f" / "pki" / "ca.pem"))
     assert ca_pem.cert_store_stats()["x509_ca"] == 1
