@@ -176,8 +176,8 @@ class Agent:
             current = tls.cert.read_bytes()
             if offered.strip() == current.strip():
                 return
-            certs.check_renewal(tls.ca.read_bytes(), current, offered)
-            atomic_write(tls.cert, offered)
+            renewed = certs.check_renewal(tls.ca.read_bytes(), current, offered)
+            atomic_write(tls.cert, certs.pem(renewed))  # the certificate alone, whatever else came with it
         except (OSError, EdgeopsError) as exc:
             log.warning("refused the certificate offered on the cert topic: %s", exc)
             return

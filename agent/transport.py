@@ -120,9 +120,9 @@ class Link:
         if reason_code.is_failure:
             log.error("broker refused %s: %s", self.device_id, reason_code)
             return
-        expired = self._broker_certificate_expired()
-        if expired:
-            log.error("the broker's certificate expired on %s (by this device's trusted time): disconnecting", expired)
+        problem = self._broker_certificate_problem()
+        if problem:
+            log.error("%s: disconnecting", problem)
             client.disconnect()
             return
         topics = [(wire.topic(self.device_id, leaf), 1) for leaf in wire.DEVICE_SUBSCRIBES]
@@ -134,14 +134,20 @@ class Link:
         self.epoch += 1
         self.connected.set()
 
-    def _broker_certificate_expired(self) -> str:
-        """The broker certificate's expiry if it is past the trusted time, else ''."""
+    def _broker_certificate_problem(self) -> str:
+        """What is wrong with the broker's certificate beyond what TLS checked, or '': it must be the
+        broker's (another server certificate of the fleet CA, the API's, is not), and not expired
+        by the trusted time."""
         sock = self.client.socket()
-        if self._trusted_time is None or not hasattr(sock, "getpeercert"):
-            return ""
-        not_after = (sock.getpeercert() or {}).get("notAfter")
-        if not_after and ssl.cert_time_to_seconds(not_after) < self._trusted_time():
-            return not_after
+        if not hasattr(sock, "getpeercert"):
+            return ""  # not TLS (loopback)
+        cert = sock.getpeercert() or {}
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        if names != [mqttlib.BROKER_CN]:
+            return f"the server's certificate is for {names}, not the fleet's broker"
+        not_after = cert.get("notAfter")
+        if self._trusted_time is not None and not_after and ssl.cert_time_to_seconds(not_after) < self._trusted_time():
+            return f"the broker's certificate expired on {not_after} (by this device's trusted time)"
         return ""
 
     def _forget_telemetry_publishes(self) -> None:

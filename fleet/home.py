@@ -30,7 +30,7 @@ from edgeops.fleet import ca, registry, trust
 from edgeops.fleet.plan import Plan
 from edgeops.protocol import bundle as bundlemod
 from edgeops.protocol import certs
-from edgeops.protocol.mqtt import BrokerAddress, TlsFiles
+from edgeops.protocol.mqtt import BROKER_CN, BrokerAddress, TlsFiles
 from edgeops.protocol.errors import EdgeopsError
 from edgeops.protocol.profiles import load_profile
 
@@ -97,6 +97,7 @@ def init_fleet(path: str | Path, broker: str = DEFAULT_BROKER, lifetimes: dict[s
         raise EdgeopsError(f"{path} already holds a fleet; pick an empty directory")
     address = BrokerAddress.parse(broker)
     path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # the CA key, the registry (telemetry, captured samples) and the settings: the fleet's user only
     config = {"broker": broker, "broker_hosts": _broker_names(address.host, broker_hosts or []),
               "lifetimes": {**DEFAULT_LIFETIMES, **(lifetimes or {})}, "api_token": secrets.token_urlsafe(32)}
     home = FleetHome(path, config)
@@ -121,7 +122,7 @@ def issue_broker_certificate(home: FleetHome, broker_hosts: list[str] | None = N
     """(Re-)issue the broker's server certificate for the fleet's broker names plus `broker_hosts`;
     returns the names it covers. Restart (or reload) the broker to serve it."""
     names = _broker_names(BrokerAddress.parse(home.broker_url).host, [*home.config.get("broker_hosts", []), *(broker_hosts or [])])
-    ca.write_issued(ca.issue(home.pki, "edgeops broker", ca.SERVER_DAYS, server_names=names),
+    ca.write_issued(ca.issue(home.pki, BROKER_CN, ca.SERVER_DAYS, server_names=names),
                     home.pki / "broker.pem", home.pki / "broker.key")
     if names != home.config.get("broker_hosts"):
         home.config["broker_hosts"] = names

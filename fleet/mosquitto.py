@@ -48,6 +48,9 @@ FLEET_USER = ca.FLEET_CN
 MAX_QUEUED_MESSAGES = 100_000
 MAX_QUEUED_BYTES = 128 * 2**20
 MAX_INFLIGHT_MESSAGES = 1000
+# The largest MQTT packet the broker takes: a block reply (128 KiB and its header line) or a
+# telemetry batch (256 KiB), with room to spare; anything larger is a client to disconnect.
+MAX_PACKET = 1024 * 1024
 
 
 def worker_name(worker: int) -> str:
@@ -116,6 +119,7 @@ def write_config(home: FleetHome, out: str | Path, bind: str | None = None, inge
         "use_username_as_clientid true",
         "allow_anonymous false",
         "set_tcp_nodelay true",  # small request/answer packets: Nagle would add ~40 ms to each
+        f"max_packet_size {MAX_PACKET}",  # refused before it is buffered whole (Mosquitto's default: 256 MB)
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",

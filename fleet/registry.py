@@ -106,7 +106,11 @@ def enroll(db: sqlite_utils.Database, device_id: str, profile: str, labels: dict
     check_enrollable(db, device_id, replace_revoked)
     now = time.time()
     with transaction(db):
-        db.execute("delete from revoked_devices where id = ?", [device_id])
+        if db.execute("delete from revoked_devices where id = ?", [device_id]).rowcount:
+            # a new identity under an old name: nothing of the revoked one is counted for it (its seqs
+            # start again at 1, it was never assigned anything)
+            for table in ("executions", "telemetry", "telemetry_devices", "device_telemetry", "anomalies"):
+                db.execute(f"delete from {table} where device = ?", [device_id])
         db.execute("insert into devices (id, profile, labels, enrolled_at, online) values (?, ?, ?, ?, 0)",
                    [device_id, profile, json.dumps(labels, sort_keys=True), now])
         _insert_certificate(db, device_id, cert_pem, now)
@@ -133,7 +137,7 @@ def latest_certificates(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
 
 def revoke(db: sqlite_utils.Database, device_id: str, reason: str = "") -> list[int]:
     """Revoke a device: out of `devices` into `revoked_devices`, every certificate of it revoked; the
-    serials revoked. Its executions stay, as history."""
+    serials revoked. Its executions stay, as history, cancelled."""
     row = db.execute("select id, profile, labels, enrolled_at from devices where id = ?", [device_id]).fetchone()
     if row is None:
         raise EdgeopsError(f"no enrolled device {device_id}; `edgeops status` lists them")
@@ -143,6 +147,9 @@ def revoke(db: sqlite_utils.Database, device_id: str, reason: str = "") -> list[
                    "values (?, ?, ?, ?, ?, ?)", [*row, now, reason])
         db.execute("delete from devices where id = ?", [device_id])
         db.execute("update certificates set revoked_at = ? where subject = ? and revoked_at is null", [now, device_id])
+        # out of every rollout: no quota, gate or baseline counts it (cancelled is not assigned)
+        db.execute("update executions set state = 'cancelled', reason = 'device revoked', updated_at = ? "
+                   "where device = ? and state not in ('rolled-back', 'cancelled')", [now, device_id])
     return [int(s) for (s,) in db.execute("select serial from certificates where subject = ? and revoked_at = ?",
                                           [device_id, now])]
 

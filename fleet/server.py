@@ -69,6 +69,8 @@ class FleetServer:
         self._stop = threading.Event()
         self.connected = threading.Event()
         self._certs: dict[str, str] = {}  # device -> serial of the certificate last published
+        self._cleared: set[str] = set()  # revoked devices whose retained messages this run deleted
+        self._certs_generation: tuple | None = None  # registry.identities_generation() when they were
         self._identities = registry.identities_generation(self.db)
         self.client = mqttlib.client(FLEET_USER, self.broker_url, self.home.client_tls())
         self.client.manual_ack_set(True)
@@ -105,6 +107,7 @@ class FleetServer:
             client.unsubscribe(ingest.telemetry_filter())
         self._published.clear()  # republish every desired message and certificate after a (re)connect
         self._certs.clear()
+        self._certs_generation = None
         self._generation = None
         self.connected.set()
 
@@ -112,6 +115,10 @@ class FleetServer:
         stored = False
         try:
             device_id, leaf = wire.parse_topic(message.topic)
+            if not message.payload:  # a retained message being cleared, e.g. by `_clear_revoked`
+                return
+            if message.retain and leaf != "state":  # only state is retained in the protocol: old junk
+                raise wire.WireError("a retained message on a leaf the protocol never retains")
             if leaf == "fetch":
                 self._answer_fetch(device_id, message.payload)
             elif leaf in ("state", "telemetry"):
@@ -175,23 +182,29 @@ class FleetServer:
     def publish_certificates(self) -> None:
         """Publish (retained) each device's newest certificate where it changed since last published."""
         with self._db_lock:
+            generation = registry.identities_generation(self.db)
+            if generation == self._certs_generation:
+                return
             latest = registry.latest_certificates(self.db)
         for device_id, cert in latest.items():
             if self._certs.get(device_id) != cert["serial"]:
                 self.client.publish(wire.topic(device_id, "cert"), cert["pem"].encode(), qos=1, retain=True)
                 self._certs[device_id] = cert["serial"]
+        self._certs_generation = generation
 
     def _follow_identities(self) -> None:
         """Reload the broker this server runs after certificates were issued or revoked, and re-sign
         the CRL before it expires (the broker would then refuse every client)."""
         with self._db_lock:
             now = registry.identities_generation(self.db)
+            revoked_ids = registry.revoked_ids(self.db)
             if ca.crl_due(self.home.pki):
                 ca.write_crl(self.home.pki, registry.revoked_serials(self.db))
                 log.warning("re-signed the CRL%s", "; reloading the broker" if self.broker else
                             ": give it to your broker (`edgeops fleet mosquitto-config`) and reload it")
                 if self.broker is not None:
                     self.broker.refresh(restart=False)
+        self._clear_revoked(revoked_ids)
         if now == self._identities:
             return
         revoked = now[2] != self._identities[2]
@@ -200,6 +213,17 @@ class FleetServer:
             log.warning("certificates %s: %s the broker", "revoked" if revoked else "issued",
                         "restarting" if revoked else "reloading")
             self.broker.refresh(restart=revoked)
+
+    def _clear_revoked(self, revoked_ids: list[str]) -> None:
+        """Delete the retained messages under each revoked device's topics, once per run: a state it
+        left must not be read as a re-enrolled device's, nor a `desired` or `cert` kept for it."""
+        for device_id in revoked_ids:
+            if device_id not in self._cleared:
+                for leaf in (*wire.DEVICE_PUBLISHES, *wire.DEVICE_SUBSCRIBES):
+                    self.client.publish(wire.topic(device_id, leaf), b"", qos=1, retain=True)
+                self._published.pop(device_id, None)
+                self._certs.pop(device_id, None)
+                self._cleared.add(device_id)
 
     def _withdraw(self) -> None:
         """Unsign the bundles of rolled-back rollouts, so devices accept their previous release again."""
@@ -216,29 +240,41 @@ class FleetServer:
                                                             "to their previous release")
 
     def _loop(self) -> None:
-        next_refresh = next_drift_check = next_engine = 0.0
+        """Each duty in its own round: one that fails (logged) never keeps the others from running,
+        above all not revocations and certificates."""
+        due = {"engine": 0.0, "refresh": 0.0, "drift": 0.0}
+        duties = [("engine", ENGINE_S, self._engine_round), ("identities", ENGINE_S, self._follow_identities),
+                  ("desired", 0.0, self.publish_desired), ("certificates", ENGINE_S, self.publish_certificates),
+                  ("refresh", None, self._refresh_metadata)]
+        if self.on_drift:
+            duties.append(("drift", DRIFT_CHECK_S, self._run_drift_hooks))
         while not self._stop.is_set():
             if self.connected.is_set():
-                try:
-                    if time.monotonic() >= next_engine:
-                        with self._db_lock:
-                            rollout.tick(self.db)
-                            self._withdraw()
-                        self._follow_identities()
-                        next_engine = time.monotonic() + ENGINE_S
-                    self.publish_desired()
-                    self.publish_certificates()
-                    if time.time() >= next_refresh:
-                        with self.home.repo_lock():
-                            trust.refresh_online(self.home.repo, self.home.expiry())
-                        next_refresh = time.time() + self.home.expiry().timestamp.total_seconds() / 2
-                    if self.on_drift and time.monotonic() >= next_drift_check:
-                        with self._db_lock:
-                            hooks.run_new(self.db, self.on_drift, self.home.path)
-                        next_drift_check = time.monotonic() + DRIFT_CHECK_S
-                except Exception:  # keep serving; the next round retries
-                    log.exception("fleet loop error")
+                for name, every, duty in duties:
+                    if time.monotonic() < due.get(name, 0.0):
+                        continue
+                    try:
+                        wait = duty()
+                    except Exception:  # keep serving; the next round retries
+                        log.exception("fleet loop error in %s", name)
+                        wait = None
+                    due[name] = time.monotonic() + (every if every is not None else wait or ENGINE_S)
             self._stop.wait(POLL_SECONDS)
+
+    def _engine_round(self) -> None:
+        with self._db_lock:
+            rollout.tick(self.db)
+            self._withdraw()
+
+    def _refresh_metadata(self) -> float:
+        """Re-sign online TUF metadata; returns the seconds until the next time."""
+        with self.home.repo_lock():
+            trust.refresh_online(self.home.repo, self.home.expiry())
+        return self.home.expiry().timestamp.total_seconds() / 2
+
+    def _run_drift_hooks(self) -> None:
+        with self._db_lock:
+            hooks.run_new(self.db, self.on_drift, self.home.path)
 
 
 def serve(home_dir: Path, broker_url: str | None, http: str = DEFAULT_HTTP, on_drift: str | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from edgeops.protocol.errors import EdgeopsError
@@ -18,12 +19,19 @@ MAX_PEM = 16 * 1024  # a certificate is ~600 bytes; anything much larger is not 
 
 
 def load(pem: bytes) -> x509.Certificate:
+    """Exactly one PEM certificate, bounded in size."""
     if len(pem) > MAX_PEM:
         raise EdgeopsError(f"a certificate of {len(pem)} bytes is larger than {MAX_PEM}")
+    if pem.count(b"-----BEGIN") != 1:
+        raise EdgeopsError("not a PEM certificate: exactly one PEM block is expected")
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
         raise EdgeopsError(f"not a PEM certificate: {exc}") from None
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def serial_and_expiry(pem: bytes) -> tuple[int, float]:

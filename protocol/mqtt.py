@@ -25,6 +25,7 @@ from edgeops.protocol.errors import EdgeopsError
 
 KEEPALIVE_S = 30  # a silent connection is given up after 1.5-2x this (paho, Mosquitto)
 TLS_PORT = 8883
+BROKER_CN = "edgeops broker"  # the subject of the broker's certificate (fleet/home.py), which clients check
 NO_CHECK_TIME = 0x200000  # OpenSSL's X509_V_FLAG_NO_CHECK_TIME, which Python's ssl.VerifyFlags does not name
 
 

@@ -70,15 +70,20 @@ def parse_topic(name: str) -> tuple[str, str]:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(message, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode(payload: bytes, required: dict[str, type], limit: int = MAX_JSON_PAYLOAD) -> dict[str, Any]:
-    """Parse a JSON object payload and check the required fields' types."""
+    """Parse a JSON object payload and check the required fields' types. NaN and Infinity, which
+    Python's json reads but JSON (and SQLite's json functions) do not, are malformed."""
     if len(payload) > limit:
         raise WireError(f"payload of {len(payload)} bytes is larger than {limit}")
     try:
-        message = json.loads(payload)
+        message = json.loads(payload, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(f"payload is not JSON ({exc})") from None
     except RecursionError:  # e.g. 60 KiB of "[": under the size limit, deeper than Python recurses

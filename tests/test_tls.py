@@ -261,3 +261,26 @@ def test_fleet_serve_without_mosquitto_says_how_to_install_it(tmp_path):
                                 env={"EDGEOPS_MOSQUITTO": str(tmp_path / "no-such-mosquitto")})
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1].startswith("Error: Mosquitto is not installed: `apt-get install mosquitto`")
+
+
+class ApiCertificateBroker(FleetBroker):
+    """A broker that presents the fleet API's certificate: a server certificate of the same CA, for
+    the same names, as someone holding the API's key (a reverse proxy) could."""
+
+    def _write(self) -> Path:
+        conf = super()._write()
+        conf.write_text(conf.read_text().replace("broker.pem", "api.pem").replace("broker.key", "api.key"))
+        return conf
+
+
+def test_a_device_accepts_only_the_brokers_certificate(tmp_path, caplog):
+    home = new_fleet(tmp_path)
+    enroll_device(home, "dev-a", "x86-vnni", {}, tmp_path / "dev-a")
+    broker = ApiCertificateBroker(home, "127.0.0.1").start()
+    agents, halt = run_agents([tmp_path / "dev-a"])
+    try:
+        wait_for(lambda: "not the fleet's broker" in caplog.text, "the agent to refuse the API's certificate", 20)
+        assert not agents[0].link.connected.is_set()
+    finally:
+        halt()
+        broker.stop()
