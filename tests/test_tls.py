@@ -1,11 +1,13 @@
 """Mutual TLS end to end, with the fleet's own Mosquitto, a real fleet server and real agents:
 - an eavesdropper on the path (a TCP relay that logs every byte between the agents, the fleet and
-  the broker) sees none of the model's bytes, keys or tokens in clear;
+  the broker, or between an operator's CLI and the HTTPS API) sees none of the model's bytes, keys,
+  tokens or fleet data in clear;
 - `edgeops device revoke` with the broker `fleet serve` runs: the device's connection is closed
   within 5 s, it is refused from then on, and a regenerated configuration and a new enrollment do
   not bring it back; re-enrolling the id needs --re-enroll and yields new credentials;
 - `edgeops device renew` reaches the device over its connection, and a certificate the fleet CA did
-  not sign, offered on the same topic, is refused.
+  not sign, offered on the same topic, is refused;
+- a device accepts only the broker's certificate, not another server certificate of the fleet CA.
 """
 
 from __future__ import annotations
@@ -284,3 +286,24 @@ def test_a_device_accepts_only_the_brokers_certificate(tmp_path, caplog):
     finally:
         halt()
         broker.stop()
+
+
+def test_an_eavesdropper_on_the_api_sees_no_token(tmp_path):
+    from edgeops.fleet.api import ApiServer, serve_options
+
+    home = new_fleet(tmp_path)
+    enroll_device(home, "dev-a", "x86-vnni", {"site": "secret-site"}, tmp_path / "dev-a")
+    api = ApiServer(home, f"127.0.0.1:{free_port()}", **serve_options(home, {"open_reads": False})).start()
+    relay = Relay(int(api.url.rsplit(":", 1)[1].rstrip("/")))
+    try:
+        token = home.config["api_token"]
+        result = CliRunner().invoke(cli, ["status", "--fleet", f"https://127.0.0.1:{relay.port}", "--token", token,
+                                          "--ca", str(home.pki / "ca.pem"), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["devices"][0]["labels"] == {"site": "secret-site"}
+    finally:
+        relay.close()
+        api.stop()
+    seen = bytes(relay.seen)
+    assert len(seen) > 1000, "the relay did not carry the exchange"
+    assert token.encode() not in seen and b"secret-site" not in seen and b"Bearer" not in seen
