@@ -524,7 +524,9 @@ def device_enroll(device_id: str, profile: str, labels: tuple[str, ...], fleet_d
     from edgeops.fleet.registry import parse_labels
 
     settings = {"capture": capture, "drift_window": drift_window, "outbox_bytes": outbox_mb * 2**20}
-    enroll_device(FleetHome.open(fleet_dir), device_id, profile, parse_labels(labels), out, settings, cert_days, re_enroll)
+    home = FleetHome.open(fleet_dir)
+    with _audited(home, "device re-enroll" if re_enroll else "device enroll", f"device {device_id}"):
+        enroll_device(home, device_id, profile, parse_labels(labels), out, settings, cert_days, re_enroll)
     click.echo(f"enrolled {device_id}; on the device run: edgeops agent run {out}")
 
 
@@ -544,7 +546,9 @@ def device_revoke(device_id: str, fleet_dir: Path, reason: str) -> None:
     """
     from edgeops.fleet.home import FleetHome, revoke_device
 
-    serials = revoke_device(FleetHome.open(fleet_dir), device_id, reason)
+    home = FleetHome.open(fleet_dir)
+    with _audited(home, "device revoke", f"device {device_id}", reason):
+        serials = revoke_device(home, device_id, reason)
     click.echo(f"revoked {device_id} ({len(serials)} certificate{'s' if len(serials) != 1 else ''} on the CRL). "
                "With your own broker: `edgeops fleet mosquitto-config` again, then restart it.")
 
@@ -563,10 +567,19 @@ def device_renew(device_id: str, fleet_dir: Path, days: int) -> None:
     from edgeops.fleet.home import FleetHome, renew_device
     from edgeops.protocol import certs
 
-    pem = renew_device(FleetHome.open(fleet_dir), device_id, days)
+    home = FleetHome.open(fleet_dir)
+    with _audited(home, "device renew", f"device {device_id}", f"{days} days"):
+        pem = renew_device(home, device_id, days)
     _, not_after = certs.serial_and_expiry(pem)
     click.echo(f"renewed {device_id}'s certificate until {time.strftime('%Y-%m-%d', time.gmtime(not_after))}; "
                "the device installs it when `fleet serve` sends it")
+
+
+def _audited(home, action: str, obj: str, detail: str = ""):
+    """The audit log's record of a change made here, with the local user as its actor."""
+    from edgeops.fleet import audit, registry
+
+    return audit.recorded(registry.open_db(home.db_path), audit.cli_actor(), action, obj, detail)
 
 
 _FLEET_HELP = "Fleet directory, or the URL of its HTTP API (https://HOST:PORT, see `edgeops fleet serve`)."

@@ -574,6 +574,25 @@ def act(fleet: Fleet, rollout_id: RolloutId, action: Literal[rollout.ACTIONS],
         raise ApiError(404 if str(exc).startswith("no rollout") else 409, str(exc)) from None
 
 
+class Revoked(Strict):
+    device: str
+    certificates: int = Field(description="How many of its certificates went onto the CRL.")
+
+
+@route("POST", "/v1/devices/{device_id}/revoke",
+       Policy("admin", "application/json", action="device revoke", subject="device {device_id}"),
+       response_model=Revoked, summary="Revoke a device: its certificates onto the CRL, out of every rollout; "
+       "`fleet serve` closes its connection (docs/security.md).",
+       responses={404: {"model": Error, "description": "No enrolled device of that id."}})
+def device_revoke(fleet: Fleet, device_id: str,
+                  body: ActionRequest | None = None) -> dict[str, Any]:
+    try:
+        serials = fleethome.revoke_device(fleet.home, device_id, (body or ActionRequest()).reason)
+    except EdgeopsError as exc:
+        raise ApiError(404, str(exc)) from None
+    return {"device": device_id, "certificates": len(serials)}
+
+
 @route("GET", "/v1/drift", READ, response_model=DriftReport, summary="Drift per model version, merged over devices.",
        responses={404: {"model": Error, "description": "No drift telemetry from that model."}})
 def drift_report(fleet: Fleet,

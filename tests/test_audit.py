@@ -71,3 +71,30 @@ def test_the_log_is_append_only(tmp_path):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute(statement)
     assert [e["actor"] for e in audit.entries(db)] == ["cli:me"]
+
+
+def test_device_changes_are_recorded_from_the_cli_and_the_api(tmp_path):
+    home = init_fleet(tmp_path / "fleet")
+    runner = CliRunner()
+    for args in (["device", "enroll", "dev-a", "-p", "rpi4", "--fleet", str(home.path), "-o", str(tmp_path / "dev-a")],
+                 ["device", "enroll", "dev-b", "-p", "rpi4", "--fleet", str(home.path), "-o", str(tmp_path / "dev-b")],
+                 ["device", "renew", "dev-a", "--fleet", str(home.path)],
+                 ["device", "revoke", "dev-a", "--fleet", str(home.path), "--reason", "stolen"]):
+        assert runner.invoke(cli, args).exit_code == 0
+    db = registry.open_db(home.db_path)
+    admin = operators.add(db, "ada", "admin")
+    server = ApiServer(home, "127.0.0.1:0").start()
+    try:
+        assert call(server, "POST", "/v1/devices/dev-b/revoke", {"reason": "lost"}, token=operators.add(db, "opal", "operator"))[0] == 403
+        status, _, answer = call(server, "POST", "/v1/devices/dev-b/revoke", {"reason": "lost"}, token=admin)
+        assert status == 200 and answer == {"device": "dev-b", "certificates": 1}
+        assert call(server, "POST", "/v1/devices/dev-b/revoke", {}, token=admin)[0] == 404
+    finally:
+        server.stop()
+    assert registry.revoked_ids(db) == ["dev-a", "dev-b"]
+    user = audit.cli_actor()
+    got = [(e["actor"], e["action"], e["object"], e["result"][:5]) for e in reversed(audit.entries(db))]
+    assert got == [(user, "device enroll", "device dev-a", "ok"), (user, "device enroll", "device dev-b", "ok"),
+                   (user, "device renew", "device dev-a", "ok"), (user, "device revoke", "device dev-a", "ok"),
+                   ("opal", "device revoke", "device dev-b", "error"), ("ada", "device revoke", "device dev-b", "ok"),
+                   ("ada", "device revoke", "device dev-b", "error")]
