@@ -6,11 +6,13 @@ Mosquitto replaced the embedded amqtt broker, which could not be made as strict:
 every retained message on the broker to any new subscription, granted a device's subscription to
 another device's topics, and ignored persistent sessions (docs/security.md).
 
-Invariants: the broker runs only while `fleet serve` does, as the same user (one a killed server
-left running is stopped by the next start, found by its pid file); start, stop and refresh are serialized; `refresh()` rewrites
-its files from the registry and the CA and reloads it (SIGHUP: new CRL and ACL), and restarts it
-when a device was revoked, so a revoked device's open connection is closed too (every other client
-reconnects to its persisted session).
+Invariants:
+- The broker runs only while `fleet serve` does, as the same user; one a killed server left running
+  is stopped by the next start, found by its pid file. A port something else holds fails the start.
+- start, stop and refresh are serialized. `refresh()` rewrites the files from the registry and the
+  CA and reloads them (SIGHUP: new CRL and ACL), or restarts the broker when a device was revoked,
+  so the revoked device's open connection is closed too (every other client reconnects to its
+  persisted session).
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class ManagedBroker:
         binary = mosquitto_binary()
         conf = self._write()
         _stop_leftover(self.folder / "mosquitto.pid")
+        if _listening(self.bind, self.port):
+            raise EdgeopsError(f"{self.bind}:{self.port} is taken (another `fleet serve` of this fleet, or another "
+                               "broker?): stop it, or give this fleet's broker URL another port")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -130,11 +135,12 @@ class ManagedBroker:
 
 
 def _stop_leftover(pid_file: Path) -> None:
-    """Stop the Mosquitto a killed `fleet serve` left running on this fleet's folder, if any."""
+    """Stop the Mosquitto a killed `fleet serve` left running on this fleet's folder (an orphan), if any."""
     try:
         pid = int(pid_file.read_text().strip())
-        if b"mosquitto" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return
+        orphaned = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == "1"  # its server is gone
+        if b"mosquitto" not in Path(f"/proc/{pid}/cmdline").read_bytes() or not orphaned:
+            return  # another process now, or the broker of a `fleet serve` still running: not ours to stop
         os.kill(pid, signal.SIGTERM)
     except (OSError, ValueError):
         return

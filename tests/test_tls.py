@@ -307,3 +307,42 @@ def test_an_eavesdropper_on_the_api_sees_no_token(tmp_path):
     seen = bytes(relay.seen)
     assert len(seen) > 1000, "the relay did not carry the exchange"
     assert token.encode() not in seen and b"secret-site" not in seen and b"Bearer" not in seen
+
+
+def test_a_second_broker_for_the_same_fleet_is_refused_and_the_first_keeps_running(tmp_path):
+    from edgeops.fleet.broker import ManagedBroker
+
+    home = new_fleet(tmp_path)
+    first = FleetBroker(home, "127.0.0.1").start()
+    try:
+        with pytest.raises(EdgeopsError, match="is taken"):
+            ManagedBroker(home, "127.0.0.1").start()
+        assert first.proc.poll() is None and listening(first.port)
+    finally:
+        first.stop()
+
+
+def test_the_broker_a_killed_fleet_serve_left_is_stopped_by_the_next(tmp_path):
+    import signal
+    import subprocess
+
+    from edgeops.fleet.broker import ManagedBroker
+
+    home = new_fleet(tmp_path)
+    port = int(home.broker_url.rsplit(":", 1)[1])
+    serve = subprocess.Popen([sys.executable, "-m", "edgeops", "fleet", "serve", str(home.path), "--http",
+                              f"127.0.0.1:{free_port()}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: listening(port), "fleet serve's broker to listen", 30)
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(10)
+        assert listening(port)  # the orphan goes on
+        broker = ManagedBroker(home, "127.0.0.1").start()  # stops it, then takes its place
+        try:
+            assert broker.proc.poll() is None
+            assert str(broker.proc.pid) == (home.path / "broker/mosquitto.pid").read_text().strip()
+        finally:
+            broker.stop()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
