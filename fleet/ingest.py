@@ -199,7 +199,7 @@ class IngestWorker:
             self.writer.put((leaf, device_id, parse_report(leaf, message.payload), message.mid))
             return  # acknowledged by the writer, after its commit
         except wire.WireError as exc:
-            log.warning("dropped message on %s: %s", message.topic, exc)
+            telemetry.warn_limited(f"dropped {message.topic}", "dropped message on %s: %s", message.topic, exc)
         except Exception:  # a bug must not take the worker down; it is logged with its traceback
             log.exception("error handling message on %s", message.topic)
         client.ack(message.mid, message.qos)

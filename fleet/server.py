@@ -125,7 +125,7 @@ class FleetServer:
                 self.writer.put((leaf, device_id, ingest.parse_report(leaf, message.payload, device_id), message.mid))
                 stored = True  # acknowledged by the writer, after its commit
         except wire.WireError as exc:
-            log.warning("dropped message on %s: %s", message.topic, exc)
+            telemetry.warn_limited(f"dropped {message.topic}", "dropped message on %s: %s", message.topic, exc)
         except Exception:  # a bug must not take the server down; it is logged with its traceback
             log.exception("error handling message on %s", message.topic)
         finally:

@@ -42,8 +42,8 @@ import sqlite_utils
 from edgeops.fleet.sql import transaction
 
 log = logging.getLogger(__name__)
-WARN_EVERY_S = 60.0  # a device's refused batches are logged at most this often
-_warned: dict[str, float] = {}  # device -> when its refused batches were last logged
+WARN_EVERY_S = 60.0  # what one device (or topic) sends wrong is logged at most this often
+_warned: dict[str, float] = {}  # key -> when it was last logged
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
@@ -71,7 +71,7 @@ def ingest(db: sqlite_utils.Database, batches: list[tuple[str, dict[str, Any]]])
             if not db.execute("select 1 from devices where id = ?", [device_id]).fetchone():
                 revoked = db.execute("update revoked_devices set refused_messages = refused_messages + 1 where id = ?",
                                      [device_id]).rowcount
-                _warn(device_id, "telemetry from %s, which is %s: dropped", device_id, "revoked" if revoked else "not enrolled")
+                warn_limited(device_id, "telemetry from %s, which is %s: dropped", device_id, "revoked" if revoked else "not enrolled")
                 continue
             refused = batch.get("refused") or (batch["device"] != device_id and
                                                f"the batch names device {str(batch['device'])[:64]!r}, not its topic's")
@@ -117,17 +117,18 @@ def _refuse(db: sqlite_utils.Database, device_id: str, reason: str) -> None:
     db.execute("insert into telemetry_devices (device, rejected_batches) values (?, 1) on conflict (device) "
                "do update set rejected_batches = rejected_batches + 1", [device_id])
     total = db.execute("select rejected_batches from telemetry_devices where device = ?", [device_id]).fetchone()[0]
-    _warn(device_id, "refused a telemetry batch from %s (%s; %d refused so far): nothing of it stored, its seqs "
+    warn_limited(device_id, "refused a telemetry batch from %s (%s; %d refused so far): nothing of it stored, its seqs "
                      "acknowledged", device_id, reason, total)
 
 
-def _warn(device_id: str, message: str, *args: Any) -> None:
-    """log.warning, at most once per WARN_EVERY_S per device."""
+def warn_limited(key: str, message: str, *args: Any) -> None:
+    """log.warning, at most once per WARN_EVERY_S per `key` (a device, a topic): what devices send
+    must not be able to fill the fleet's log."""
     now = time.monotonic()
-    if now - _warned.get(device_id, -WARN_EVERY_S) >= WARN_EVERY_S:
-        if len(_warned) >= 10_000:  # ids from topics: bounded, whatever publishes
+    if now - _warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
+        if len(_warned) >= 10_000:  # keys from topics: bounded, whatever publishes
             _warned.clear()
-        _warned[device_id] = now
+        _warned[key] = now
         log.warning(message, *args)
 
 
