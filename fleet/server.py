@@ -30,8 +30,10 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -52,6 +54,18 @@ DRIFT_CHECK_S = 5.0  # how often flagged model versions are looked for, with --o
 
 
 @dataclass
+class _Retained:
+    """What this server last published, retained, on one leaf of every device's topics."""
+    leaf: str
+    sent: dict[str, bytes] = field(default_factory=dict)  # device -> payload
+    generation: tuple | None = None  # the registry's generation when `sent` was last brought up to date
+
+    def forget(self) -> None:
+        self.sent.clear()
+        self.generation = None
+
+
+@dataclass
 class FleetServer:
     home: FleetHome
     broker_url: str
@@ -62,15 +76,13 @@ class FleetServer:
     def __post_init__(self) -> None:
         self.db = ingest.open_registry(self.home)
         self._db_lock = threading.Lock()
-        self._published: dict[str, bytes] = {}
-        self._generation: tuple | None = None  # registry.generation() when desired was last published
+        self._desired = _Retained("desired")
+        self._certs = _Retained("cert")
         self._withdraw_error = ""  # logged once, not every round
         self._targets: dict[str, bytes] = {}
         self._stop = threading.Event()
         self.connected = threading.Event()
-        self._certs: dict[str, str] = {}  # device -> serial of the certificate last published
         self._cleared: set[str] = set()  # revoked devices whose retained messages this run deleted
-        self._certs_generation: tuple | None = None  # registry.identities_generation() when they were
         self._identities = registry.identities_generation(self.db)
         self.client = mqttlib.client(FLEET_USER, self.broker_url, self.home.client_tls())
         self.client.manual_ack_set(True)
@@ -105,10 +117,8 @@ class FleetServer:
         client.subscribe(self._subscriptions)
         if self.share is not None:  # a session persisted from a run without --share would get every message too
             client.unsubscribe(ingest.telemetry_filter())
-        self._published.clear()  # republish every desired message and certificate after a (re)connect
-        self._certs.clear()
-        self._certs_generation = None
-        self._generation = None
+        for retained in (self._desired, self._certs):  # republish every one after a (re)connect
+            retained.forget()
         self.connected.set()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
@@ -167,30 +177,28 @@ class FleetServer:
 
     def publish_desired(self) -> None:
         """Publish each device's desired release (retained) where it changed since last published."""
-        with self._db_lock:
-            generation = registry.generation(self.db)
-            if generation == self._generation:
-                return
-            wanted = registry.all_desired(self.db)
-        for device_id, release in wanted.items():
-            payload = wire.encode(release or {"release_id": None})
-            if self._published.get(device_id) != payload:
-                self.client.publish(wire.topic(device_id, "desired"), payload, qos=1, retain=True)
-                self._published[device_id] = payload
-        self._generation = generation
+        self._publish(self._desired, registry.generation, lambda db: {
+            device_id: wire.encode(release or {"release_id": None}) for device_id, release in registry.all_desired(db).items()})
 
     def publish_certificates(self) -> None:
         """Publish (retained) each device's newest certificate where it changed since last published."""
+        self._publish(self._certs, registry.identities_generation, lambda db: {
+            device_id: cert["pem"].encode() for device_id, cert in registry.latest_certificates(db).items()})
+
+    def _publish(self, retained: _Retained, generation_of: Callable[[Any], tuple],
+                 payloads_of: Callable[[Any], dict[str, bytes]]) -> None:
+        """Publish `retained`'s leaf for each device whose payload changed, reading the payloads only
+        when the registry's `generation_of` moved since the last time."""
         with self._db_lock:
-            generation = registry.identities_generation(self.db)
-            if generation == self._certs_generation:
+            generation = generation_of(self.db)
+            if generation == retained.generation:
                 return
-            latest = registry.latest_certificates(self.db)
-        for device_id, cert in latest.items():
-            if self._certs.get(device_id) != cert["serial"]:
-                self.client.publish(wire.topic(device_id, "cert"), cert["pem"].encode(), qos=1, retain=True)
-                self._certs[device_id] = cert["serial"]
-        self._certs_generation = generation
+            payloads = payloads_of(self.db)
+        for device_id, payload in payloads.items():
+            if retained.sent.get(device_id) != payload:
+                self.client.publish(wire.topic(device_id, retained.leaf), payload, qos=1, retain=True)
+                retained.sent[device_id] = payload
+        retained.generation = generation
 
     def _follow_identities(self) -> None:
         """Reload the broker this server runs after certificates were issued or revoked, and re-sign
@@ -221,8 +229,8 @@ class FleetServer:
             if device_id not in self._cleared:
                 for leaf in (*wire.DEVICE_PUBLISHES, *wire.DEVICE_SUBSCRIBES):
                     self.client.publish(wire.topic(device_id, leaf), b"", qos=1, retain=True)
-                self._published.pop(device_id, None)
-                self._certs.pop(device_id, None)
+                for retained in (self._desired, self._certs):
+                    retained.sent.pop(device_id, None)
                 self._cleared.add(device_id)
 
     def _withdraw(self) -> None:
